@@ -1,0 +1,10 @@
+.PHONY: install demo test lint
+install:
+	bash scripts/bootstrap.sh
+demo: install
+	.venv/bin/samunet segment Resources/Samples/CTChest4.nrrd --prompts Resources/Samples/ctchest_prompts.json --output out/CTChest4.seg.nrrd --overlay out/CTChest4_overlay.png
+test: install
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q
+lint: install
+	.venv/bin/ruff check .
