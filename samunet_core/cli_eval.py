@@ -1,0 +1,49 @@
+"""`samunet eval MANIFEST --protocol P --out DIR`: accuracy protocols over an evaluation manifest."""
+
+from __future__ import annotations
+
+import argparse
+
+PROTOCOL_CHOICES = ("box", "point1", "point3", "point5", "propagate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="evaluation manifest (JSON; format in shared/data/README.md)")
+    parser.add_argument("--protocol", required=True, choices=PROTOCOL_CHOICES,
+                        help="box: tight box of the largest component; pointN: N simulated clicks; "
+                             "propagate: box on the largest slice carried through 3D volumes")
+    parser.add_argument("--out", required=True, help="output folder for results.csv, summary.json and overlays/")
+    parser.add_argument("--model", default="litemedsam", help="registry model name (default: litemedsam)")
+    parser.add_argument("--checkpoint", default=None, help="weights file for models that take a user checkpoint")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N cases")
+    parser.add_argument("--slice-stride", type=int, default=1, metavar="K",
+                        help="3D cases: only axial slices k with k %% K == 0 (default 1: every slice)")
+    parser.add_argument("--overlays", type=int, default=0, metavar="N",
+                        help="write PNGs of the N lowest-Dice targets to OUT/overlays/")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from samunet_core.errors import InputError
+    from samunet_core.evaluate import evaluate
+    from samunet_core.manifest import load_manifest
+    from samunet_core.predictor import load_predictor
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.overlays < 0:
+        raise InputError(f"--overlays must be >= 0, got {args.overlays}")
+    manifest = load_manifest(args.manifest)
+    predictor = load_predictor(args.model, device=args.device, checkpoint=args.checkpoint)
+    summary = evaluate(manifest, predictor, args.protocol, Path(args.out), manifest_path=str(args.manifest),
+                       limit=args.limit, slice_stride=args.slice_stride, overlays=args.overlays,
+                       progress=not args.no_progress)
+    print(f"{summary['model']} {summary['protocol']}: {summary['n_targets']} targets, mean Dice "
+          f"{summary['mean_dice']:.4f}, mean NSD {summary['mean_nsd']:.4f} ({summary['wall_s']:.0f} s)")
+    for modality, stats in summary["by_modality"].items():
+        print(f"  {modality}: n={stats['n']} Dice {stats['mean_dice']:.4f} NSD {stats['mean_nsd']:.4f}")
+    print(f"wrote {Path(args.out) / 'results.csv'} and {Path(args.out) / 'summary.json'}")
+    return 0

@@ -1,0 +1,553 @@
+"""Accuracy protocols over an evaluation manifest: `samunet eval`.
+
+Protocols (DESIGN.md, shared/data/reference/README.md):
+- box: the tight box (max inclusive) of the reference's largest 8-connected component, no margin, no jitter.
+- point1 / point3 / point5: first a positive click at the interior point of that component farthest from its
+  boundary, then each next click at the centre of the largest error region (positive if missed, negative if
+  spurious), all clicks so far given together with the previous logits as mask input.
+- propagate (3D cases only): a box on the axial slice where the label is largest, carried through the volume by
+  `samunet_core.propagate`; scored with 3D Dice/NSD over the whole volume.
+
+2D cases: each mask is a target. 3D cases: every (label, axial slice k) with at least 30 label voxels is a target; the
+slice is `array[k]` of the LPS-reoriented volume, windowed with the label's window (target_windows, else the case's).
+One embedding is computed per (case, slice, window) and reused by every target on it.
+Dice and NSD are computed at the slice's resolution against the whole reference mask. NSD tolerance: 2 px for 2D
+images, 2 mm (in-plane spacing, or 3D spacing for propagate) for volumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samunet_core import metrics
+from samunet_core.errors import InputError
+from samunet_core.manifest import Case, Manifest, Window
+
+PROTOCOLS = ("box", "point1", "point3", "point5", "propagate")
+MIN_SLICE_VOXELS = 30
+NSD_TOLERANCE_PX_2D = 2.0
+NSD_TOLERANCE_MM_3D = 2.0
+CSV_COLUMNS = ("case_id", "modality", "kind", "target", "label", "k", "dice", "nsd", "iou_pred", "gt_pixels",
+               "pred_pixels", "n_components", "lcc_pixels", "prompt", "n_clicks", "dice_per_click", "window", "extra")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images in, targets out
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Volume:
+    """A 3D case read into LPS arrays: image KxHxW (native dtype), labels KxHxW int; spacing (k, row, col) in mm."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def read_image_2d(path: Path) -> np.ndarray:
+    """HxW or HxWx3 uint8 from a PNG/JPEG (grey stays grey, colour becomes RGB)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB") if img.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else img.convert("L")
+            return np.asarray(img, dtype=np.uint8).copy()
+    except OSError as exc:
+        raise InputError(f"cannot read image {path} ({exc}); it must be an 8-bit PNG or JPEG") from exc
+
+
+def read_mask_2d(path: Path, shape: tuple[int, int], case_id: str) -> np.ndarray:
+    """HxW bool from a 0/255 PNG; the mask must have the image's height and width."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img)
+    except OSError as exc:
+        raise InputError(f"case '{case_id}': cannot read mask {path} ({exc})") from exc
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.shape != tuple(shape):
+        raise InputError(f"case '{case_id}': mask {path} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                         f"{shape[1]}x{shape[0]}; masks must match their image")
+    return mask > 0
+
+
+def read_volume(case: Case) -> Volume:
+    """Image and labelmap of a 3D case, reoriented to LPS, on one checked grid."""
+    image_img = _read_sitk(case.image, case.id, "image")
+    label_img = _read_sitk(case.labelmap, case.id, "labelmap")
+    _check_same_grid(image_img, label_img, case)
+    import SimpleITK as sitk
+
+    image_img = sitk.DICOMOrient(image_img, "LPS")
+    label_img = sitk.DICOMOrient(label_img, "LPS")
+    image = sitk.GetArrayFromImage(image_img)
+    labels = sitk.GetArrayFromImage(label_img)
+    if image.ndim != 3 or labels.ndim != 3:
+        raise InputError(f"case '{case.id}': image and labelmap must be single-component 3D volumes, got arrays "
+                         f"{image.shape} and {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = np.rint(labels).astype(np.int64)
+    sx, sy, sz = label_img.GetSpacing()
+    return Volume(image, labels, (float(sz), float(sy), float(sx)))
+
+
+def _read_sitk(path: Path | None, case_id: str, what: str) -> Any:
+    import SimpleITK as sitk
+
+    try:
+        if path is not None and path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            files = reader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise InputError(f"case '{case_id}': {what} folder {path} holds no DICOM series")
+            reader.SetFileNames(files)
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"case '{case_id}': cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from exc
+
+
+def _check_same_grid(a: Any, b: Any, case: Case) -> None:
+    checks = {"size": (a.GetSize(), b.GetSize()), "spacing": (a.GetSpacing(), b.GetSpacing()),
+              "origin": (a.GetOrigin(), b.GetOrigin()), "direction": (a.GetDirection(), b.GetDirection())}
+    for name, (va, vb) in checks.items():
+        if len(va) != len(vb) or not np.allclose(va, vb, atol=1e-3, rtol=0):
+            raise InputError(f"case '{case.id}': image {case.image} and labelmap {case.labelmap} differ in {name} "
+                             f"({va} vs {vb}); they must share one voxel grid")
+
+
+def window_slice(array: np.ndarray, window: Window | None, volume_window: Window | None) -> np.ndarray:
+    """2D slice -> HxW uint8 the model sees (DESIGN.md default image rules).
+
+    uint8 data without a window is used as it is; otherwise the window (the target's, else the volume's percentile
+    window `volume_window`) maps to 0..255 by clip((I - lo)/(hi - lo), 0, 1) * 255, truncated.
+    """
+    if window is None:
+        if array.dtype == np.uint8:
+            return array
+        window = volume_window
+    lo, hi = window
+    scaled = np.clip((array.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    return scaled.astype(np.uint8)
+
+
+def percentile_window(volume: np.ndarray) -> Window:
+    """The 0.5 and 99.5 percentiles of a volume (the default window for unscaled data such as MR)."""
+    lo, hi = np.percentile(volume, [0.5, 99.5])
+    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+
+
+@dataclass
+class SliceTargets:
+    """Targets that share one embedding: a 3D slice k under one window, or a whole 2D image."""
+
+    k: int | None
+    window: Window | None
+    labels: list[int]
+
+
+def plan_3d(case: Case, labels: np.ndarray, slice_stride: int = 1) -> list[SliceTargets]:
+    """Group the (label, k) targets of a KxHxW labelmap by (slice, window); k ascending, labels ascending."""
+    max_label = max(max(case.labels), int(labels.max()))
+    groups: list[SliceTargets] = []
+    for k in range(0, labels.shape[0], slice_stride):
+        counts = np.bincount(labels[k].ravel().clip(0), minlength=max_label + 1)
+        by_window: dict[Window | None, list[int]] = {}
+        for label in case.labels:
+            if counts[label] >= MIN_SLICE_VOXELS:
+                by_window.setdefault(case.window_for(label), []).append(label)
+        groups += [SliceTargets(k, window, labs) for window, labs in by_window.items()]
+    return groups
+
+
+def count_targets(case: Case, slice_stride: int, protocol: str) -> int:
+    """Number of result rows a case will give (reads 3D labelmaps only)."""
+    if protocol == "propagate":
+        return len(case.labels) if case.kind == "3d" else 0
+    if case.kind == "2d":
+        return len(case.targets)
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayFromImage(sitk.DICOMOrient(_read_sitk(case.labelmap, case.id, "labelmap"), "LPS"))
+    return sum(len(g.labels) for g in plan_3d(case, labels, slice_stride))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The simulated user
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """One target's prediction: HxW bool mask, the prompts used, the decoder's IoU guess, Dice after each click."""
+
+    pred: np.ndarray
+    prompt: str
+    iou_pred: float
+    dice_per_click: list[float]
+    box: tuple[int, int, int, int] | None = None
+    clicks: list[metrics.Click] = field(default_factory=list)
+
+
+class TimedPredictor:
+    """Wraps a Predictor and adds up encoder/decoder time and calls."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self.encoder_s = self.decoder_s = 0.0
+        self.encoder_calls = self.decoder_calls = 0
+
+    def encode(self, image: np.ndarray) -> Any:
+        t0 = time.perf_counter()
+        embedding = self.predictor.encode(image)
+        self.encoder_s += time.perf_counter() - t0
+        self.encoder_calls += 1
+        return embedding
+
+    def predict(self, embedding: Any, **prompts: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self.predictor.predict(embedding, **prompts)
+        self.decoder_s += time.perf_counter() - t0
+        self.decoder_calls += 1
+        return out
+
+
+def prompt_box(predictor: TimedPredictor, embedding: Any, ref: np.ndarray) -> Outcome:
+    """Box protocol on one HxW reference mask."""
+    box = metrics.tight_box(metrics.largest_component(ref))
+    out = predictor.predict(embedding, boxes=np.asarray([box], np.float64))
+    pred = out.masks[0]
+    return Outcome(pred, "box {} {} {} {}".format(*box), float(out.scores[0]), [metrics.dice(pred, ref)], box=box)
+
+
+def prompt_clicks(predictor: TimedPredictor, embedding: Any, ref: np.ndarray, n_clicks: int) -> Outcome:
+    """Point protocol with up to `n_clicks` clicks on one HxW reference mask (stops early if the mask is perfect)."""
+    x, y = metrics.interior_point(metrics.largest_component(ref))
+    clicks = [metrics.Click(x, y, True)]
+    logits = None
+    dices: list[float] = []
+    while True:
+        points = np.asarray([[c.x, c.y] for c in clicks], np.float64)
+        labels = np.asarray([1 if c.positive else 0 for c in clicks], np.int64)
+        out = predictor.predict(embedding, points=points, labels=labels, mask_input=logits)
+        pred, logits = out.masks[0], out.logits
+        dices.append(metrics.dice(pred, ref))
+        if len(clicks) >= n_clicks:
+            break
+        click = metrics.next_click(pred, ref)
+        if click is None:
+            break
+        clicks.append(click)
+    prompt = ";".join(f"point{'+' if c.positive else '-'} {c.x} {c.y}" for c in clicks)
+    return Outcome(pred, prompt, float(out.scores[0]), dices, clicks=clicks)
+
+
+def run_protocol(protocol: str, predictor: TimedPredictor, embedding: Any, ref: np.ndarray) -> Outcome:
+    if protocol == "box":
+        return prompt_box(predictor, embedding, ref)
+    return prompt_clicks(predictor, embedding, ref, int(protocol[len("point"):]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    case_id: str
+    modality: str
+    kind: str
+    target: str
+    label: int | None
+    k: int | None
+    dice: float
+    nsd: float
+    iou_pred: float
+    gt_pixels: int
+    pred_pixels: int
+    n_components: int
+    lcc_pixels: int
+    prompt: str
+    n_clicks: int
+    dice_per_click: list[float]
+    window: Window | None
+    extra: str = ""
+
+    def as_csv(self) -> dict[str, str]:
+        return {
+            "case_id": self.case_id, "modality": self.modality, "kind": self.kind, "target": self.target,
+            "label": "" if self.label is None else str(self.label), "k": "" if self.k is None else str(self.k),
+            "dice": f"{self.dice:.6f}", "nsd": f"{self.nsd:.6f}",
+            "iou_pred": "" if not np.isfinite(self.iou_pred) else f"{self.iou_pred:.6f}",
+            "gt_pixels": str(self.gt_pixels), "pred_pixels": str(self.pred_pixels),
+            "n_components": str(self.n_components), "lcc_pixels": str(self.lcc_pixels), "prompt": self.prompt,
+            "n_clicks": str(self.n_clicks), "dice_per_click": " ".join(f"{d:.4f}" for d in self.dice_per_click),
+            "window": "" if self.window is None else f"{self.window[0]:g} {self.window[1]:g}", "extra": self.extra,
+        }
+
+
+class WorstTargets:
+    """Keeps the images of the N lowest-Dice targets for overlays (N small: nothing else is kept in memory)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._heap: list[tuple[float, int, dict[str, Any]]] = []
+        self._seq = 0
+
+    def wants(self, dice: float) -> bool:
+        return self.n > 0 and (len(self._heap) < self.n or -self._heap[0][0] > dice)
+
+    def offer(self, dice: float, image: np.ndarray, ref: np.ndarray, outcome: Outcome, title: str) -> None:
+        if not self.wants(dice):
+            return
+        self._seq += 1
+        item = {"image": image.copy(), "ref": ref.copy(), "pred": outcome.pred.copy(), "box": outcome.box,
+                "clicks": list(outcome.clicks), "title": title, "dice": dice}
+        heapq.heappush(self._heap, (-dice, -self._seq, item))
+        if len(self._heap) > self.n:
+            heapq.heappop(self._heap)
+
+    def worst_first(self) -> list[dict[str, Any]]:
+        return [item for _, _, item in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results_csv(path: Path, rows: list[Row]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row.as_csv())
+    _atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+
+def _group_stats(rows: list[Row]) -> dict[str, Any]:
+    dices = [r.dice for r in rows]
+    return {"n": len(rows), "mean_dice": round(float(np.mean(dices)), 6) if rows else None,
+            "mean_nsd": round(float(np.mean([r.nsd for r in rows])), 6) if rows else None}
+
+
+def summarise(rows: list[Row], info: dict[str, Any]) -> dict[str, Any]:
+    """summary.json content: overall and grouped means plus run information."""
+    summary: dict[str, Any] = {"model": info["model"], "protocol": info["protocol"], "n_targets": len(rows)}
+    overall = _group_stats(rows)
+    summary["mean_dice"] = overall["mean_dice"]
+    summary["mean_nsd"] = overall["mean_nsd"]
+    summary["median_dice"] = round(statistics.median(r.dice for r in rows), 6) if rows else None
+    summary["n_dice_below_0.3"] = sum(r.dice < 0.3 for r in rows)
+    for key, attr in (("by_modality", "modality"), ("by_kind", "kind"), ("by_case", "case_id")):
+        groups: dict[str, list[Row]] = {}
+        for r in rows:
+            groups.setdefault(getattr(r, attr), []).append(r)
+        summary[key] = {name: _group_stats(group) for name, group in groups.items()}
+    summary.update({k: v for k, v in info.items() if k not in summary})
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------------------------------------
+def render_overlay(item: dict[str, Any], min_side: int = 512) -> np.ndarray:
+    """HxWx3 uint8 RGB: the model's image, reference contour (green), prediction contour (red), box (yellow),
+    clicks (positive cyan, negative magenta) and a caption."""
+    import cv2
+
+    image = item["image"]
+    rgb = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+    h, w = rgb.shape[:2]
+    scale = max(1, int(np.ceil(min_side / max(h, w))))
+    canvas = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST).copy()
+
+    def contour(mask: np.ndarray, color: tuple[int, int, int]) -> None:
+        big = cv2.resize(mask.astype(np.uint8), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+        found, _ = cv2.findContours(big, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(canvas, found, -1, color, 1)
+
+    contour(item["ref"], (0, 255, 0))
+    contour(item["pred"], (255, 0, 0))
+    if item["box"] is not None:
+        x0, y0, x1, y1 = item["box"]
+        cv2.rectangle(canvas, (x0 * scale, y0 * scale), ((x1 + 1) * scale - 1, (y1 + 1) * scale - 1), (255, 255, 0), 1)
+    for click in item["clicks"]:
+        centre = (int(click.x * scale + scale // 2), int(click.y * scale + scale // 2))
+        cv2.circle(canvas, centre, 5, (0, 255, 255) if click.positive else (255, 0, 255), -1)
+    cv2.putText(canvas, item["title"], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def write_overlays(out_dir: Path, worst: WorstTargets) -> list[str]:
+    from PIL import Image
+
+    folder = out_dir / "overlays"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for rank, item in enumerate(worst.worst_first(), start=1):
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in item["title"].split(" dice")[0])
+        path = folder / f"{rank:03d}_{safe}.png"
+        buffer = io.BytesIO()
+        Image.fromarray(render_overlay(item)).save(buffer, format="PNG")
+        _atomic_write(path, buffer.getvalue())
+        names.append(path.name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a manifest
+# ---------------------------------------------------------------------------------------------------------------------
+def _target_row(case: Case, target: str, label: int | None, k: int | None, ref: np.ndarray, outcome: Outcome,
+                spacing: tuple[float, float] | None, window: Window | None) -> Row:
+    lcc = metrics.largest_component(ref)
+    tolerance = NSD_TOLERANCE_PX_2D if spacing is None else NSD_TOLERANCE_MM_3D
+    return Row(case.id, case.modality, case.kind, target, label, k, outcome.dice_per_click[-1],
+               metrics.nsd(outcome.pred, ref, tolerance, spacing), outcome.iou_pred, int(ref.sum()),
+               int(outcome.pred.sum()), metrics.count_components(ref), int(lcc.sum()), outcome.prompt,
+               len(outcome.clicks) if outcome.clicks else 0, outcome.dice_per_click, window)
+
+
+def _eval_case_2d(case: Case, protocol: str, predictor: TimedPredictor, worst: WorstTargets) -> Iterator[Row]:
+    image = read_image_2d(case.image)
+    if case.window is not None and image.dtype != np.uint8:
+        image = window_slice(image, case.window, None)
+    embedding = predictor.encode(image)
+    for target in case.targets:
+        ref = read_mask_2d(target.mask, image.shape[:2], case.id)
+        if not ref.any():
+            raise InputError(f"case '{case.id}': mask {target.mask} of target '{target.name}' is empty")
+        outcome = run_protocol(protocol, predictor, embedding, ref)
+        row = _target_row(case, target.name, None, None, ref, outcome, None, case.window)
+        worst.offer(row.dice, image, ref, outcome, f"{case.id} {target.name} dice {row.dice:.3f}")
+        yield row
+
+
+def _eval_case_3d(case: Case, protocol: str, predictor: TimedPredictor, worst: WorstTargets,
+                  slice_stride: int) -> Iterator[Row]:
+    volume = read_volume(case)
+    _check_labels_present(case, volume.labels)
+    volume_window = percentile_window(volume.image) if case.window is None and volume.image.dtype != np.uint8 \
+        else None
+    in_plane = volume.spacing[1:]
+    for group in plan_3d(case, volume.labels, slice_stride):
+        k = group.k
+        image = window_slice(volume.image[k], group.window, volume_window)
+        embedding = predictor.encode(image)
+        for label in group.labels:
+            ref = volume.labels[k] == label
+            outcome = run_protocol(protocol, predictor, embedding, ref)
+            row = _target_row(case, case.labels[label], label, k, ref, outcome, in_plane, group.window)
+            worst.offer(row.dice, image, ref, outcome, f"{case.id} {case.labels[label]} k{k} dice {row.dice:.3f}")
+            yield row
+
+
+def _check_labels_present(case: Case, labels: np.ndarray) -> None:
+    present = set(np.unique(labels).tolist()) - {0}
+    missing = sorted(set(case.labels) - present)
+    if missing:
+        raise InputError(f"case '{case.id}': labels {missing} are listed in the manifest but absent from "
+                         f"{case.labelmap}; list only labels that occur")
+
+
+def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTargets) -> Iterator[Row]:
+    from samunet_core.eval_propagate import propagate_label
+
+    volume = read_volume(case)
+    _check_labels_present(case, volume.labels)
+    volume_window = percentile_window(volume.image) if case.window is None and volume.image.dtype != np.uint8 \
+        else None
+    for label, name in case.labels.items():
+        ref3d = volume.labels == label
+        window = case.window_for(label)
+        result = propagate_label(predictor, volume.image, ref3d, lambda a, w=window: window_slice(a, w, volume_window))
+        row = Row(case.id, case.modality, case.kind, name, label, result.k_start,
+                  metrics.dice(result.pred, ref3d), metrics.nsd(result.pred, ref3d, NSD_TOLERANCE_MM_3D,
+                                                                volume.spacing),
+                  result.iou_pred, int(ref3d.sum()), int(result.pred.sum()),
+                  metrics.count_components(ref3d[result.k_start]), int(result.lcc_pixels), result.prompt, 0,
+                  [], window, result.extra)
+        start_ref = ref3d[result.k_start]
+        outcome = Outcome(result.pred[result.k_start], result.prompt, result.iou_pred, [row.dice], box=result.box)
+        image = window_slice(volume.image[result.k_start], window, volume_window)
+        worst.offer(row.dice, image, start_ref, outcome, f"{case.id} {name} k{result.k_start} dice3d {row.dice:.3f}")
+        yield row
+
+
+def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *, manifest_path: str = "",
+             limit: int | None = None, slice_stride: int = 1, overlays: int = 0, progress: bool = True
+             ) -> dict[str, Any]:
+    """Run one protocol over a manifest; write DIR/results.csv, DIR/summary.json (and overlays). Returns the summary.
+
+    limit: only the first N cases; slice_stride: only 3D slices k with k % stride == 0.
+    """
+    from tqdm import tqdm
+
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}")
+    if slice_stride < 1:
+        raise InputError(f"--slice-stride must be >= 1, got {slice_stride}")
+    cases = list(manifest.cases[:limit] if limit else manifest.cases)
+    if protocol == "propagate":
+        cases = [c for c in cases if c.kind == "3d"]
+        if not cases:
+            raise InputError("the propagate protocol needs 3d cases; this manifest (or --limit) selects none")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timed = TimedPredictor(predictor)
+    worst = WorstTargets(overlays)
+    total = sum(count_targets(c, slice_stride, protocol) for c in cases)
+    rows: list[Row] = []
+    with tqdm(total=total, desc=f"eval {protocol}", unit="target", disable=not progress) as bar:
+        for case in cases:
+            bar.set_postfix_str(case.id)
+            if protocol == "propagate":
+                produced = _eval_case_propagate(case, timed, worst)
+            elif case.kind == "2d":
+                produced = _eval_case_2d(case, protocol, timed, worst)
+            else:
+                produced = _eval_case_3d(case, protocol, timed, worst, slice_stride)
+            for row in produced:
+                rows.append(row)
+                bar.update(1)
+    wall = time.perf_counter() - t_start
+    import torch
+
+    info = {
+        "model": getattr(predictor, "model_id", "?"), "protocol": protocol, "manifest": manifest_path,
+        "n_cases": len(cases), "slice_stride": slice_stride, "limit": limit,
+        "nsd_tolerance": {"2d_px": NSD_TOLERANCE_PX_2D, "3d_mm": NSD_TOLERANCE_MM_3D},
+        "min_slice_voxels": MIN_SLICE_VOXELS,
+        "device": str(getattr(predictor, "device", "?")), "threads": torch.get_num_threads(),
+        "wall_s": round(wall, 2),
+        "encoder_calls": timed.encoder_calls, "encoder_s": round(timed.encoder_s, 2),
+        "encoder_ms_mean": round(1e3 * timed.encoder_s / max(timed.encoder_calls, 1), 1),
+        "decoder_calls": timed.decoder_calls, "decoder_s": round(timed.decoder_s, 2),
+        "decoder_ms_mean": round(1e3 * timed.decoder_s / max(timed.decoder_calls, 1), 1),
+        "torch": torch.__version__,
+    }
+    summary = summarise(rows, info)
+    if overlays:
+        summary["overlays"] = write_overlays(out_dir, worst)
+    write_results_csv(out_dir / "results.csv", rows)
+    _atomic_write(out_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+    return summary

@@ -1,0 +1,267 @@
+"""Predictor: encode a slice once, then decode any number of prompts against it.
+
+numpy-facing: images are HxW(x3) uint8 slices (already windowed), prompts are in slice pixels (x = column,
+y = row), masks come back at the slice's own resolution. Everything the decoder needs from the image lives in an
+`Embedding` (LiteMedSAM: one 256x64x64 map; SAM-UNet: a 256x16x16 map plus a 32x64x64 multi-scale feature).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from samunet_core.errors import InputError
+from samunet_core.model_input import MODEL_GRID, GridMapping, LiteMedSAMInput, SAMUNetInput
+
+
+class EncodeAborted(Exception):
+    """An encode was pre-empted (a more urgent slice was asked for); nothing was produced."""
+
+
+@dataclass
+class Embedding:
+    """Everything the decoder needs for one slice.
+
+    tensors: name -> 1xCxhxw torch tensor on the predictor's device.
+    original_size: (H, W) of the slice; input_size: (h, w) of the resized slice inside the 256 grid.
+    """
+
+    model_id: str
+    tensors: dict[str, Any]
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self.tensors.values()))
+
+    @property
+    def mapping(self) -> GridMapping:
+        return GridMapping(self.original_size, self.input_size)
+
+    def converted(self, dtype: Any = None, device: Any = None) -> Embedding:
+        """A copy with every tensor in `dtype` and/or on `device`."""
+        return Embedding(self.model_id, {k: v.to(device=device or v.device, dtype=dtype or v.dtype)
+                                         for k, v in self.tensors.items()}, self.original_size, self.input_size)
+
+
+@dataclass
+class Prediction:
+    """masks: BxHxW bool; logits: Bx1xLxL float32 model-grid logits (feed back as mask_input); scores: B."""
+
+    masks: np.ndarray
+    logits: np.ndarray
+    scores: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Family:
+    """How one model family is fed and read out."""
+
+    preprocessing: Any
+    logits_grid: int
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def encode(self, x: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def decode(self, tensors: dict[str, Any], coords: Any, labels: Any, boxes: Any, mask_input: Any
+               ) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+
+class _LiteMedSAMFamily(_Family):
+    preprocessing = LiteMedSAMInput
+    logits_grid = 256
+
+    def encode(self, x: Any) -> dict[str, Any]:
+        return {"image_embedding": self.model.encode(x)}
+
+    def decode(self, tensors, coords, labels, boxes, mask_input):
+        logits, iou = self.model.decode(tensors["image_embedding"], coords, labels, boxes, mask_input)
+        return logits, iou[:, 0]
+
+
+class _SAMUNetFamily(_Family):
+    preprocessing = SAMUNetInput
+    logits_grid = 64
+
+    def encode(self, x: Any) -> dict[str, Any]:
+        image_embeddings, msf = self.model.encode(x)
+        return {"image_embeddings": image_embeddings, "msf": msf}
+
+    def decode(self, tensors, coords, labels, boxes, mask_input):
+        import torch
+
+        logits = self.model.decode(tensors["image_embeddings"], tensors["msf"], coords, labels, boxes, mask_input)
+        return logits, torch.full((logits.shape[0],), float("nan"))
+
+
+_FAMILIES = {"litemedsam": _LiteMedSAMFamily, "samunet": _SAMUNetFamily}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; other values are checked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' asked for, but no CUDA GPU is available; use --device cpu or auto")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return device
+
+
+class Predictor:
+    """One loaded model on one device. Thread-safe for concurrent `predict`; `encode` may be aborted cooperatively."""
+
+    def __init__(self, model: Any, model_id: str, family: str, device: str = "auto", half: bool = False,
+                 weights: Any = None) -> None:
+        self.device = resolve_device(device)
+        self.model_id = model_id
+        self.weights = weights
+        self.half = bool(half) and self.device != "cpu"
+        self.model = model.to(self.device).eval()
+        self._family = _FAMILIES[family](self.model)
+        self.preprocessing = self._family.preprocessing
+        self.logits_grid = self._family.logits_grid
+        self._abort = threading.local()
+        self._install_abort_hooks()
+
+    # -- encoding -------------------------------------------------------------------------------------------------
+    def _install_abort_hooks(self) -> None:
+        """Check for pre-emption between the encoder's top-level stages (cheap, and lets a prefetch yield)."""
+
+        def check(_module: Any, _inputs: Any) -> None:
+            should_abort = getattr(self._abort, "fn", None)
+            if should_abort is not None and should_abort():
+                raise EncodeAborted()
+
+        encoder = self.model.image_encoder
+        for child in encoder.children():
+            for block in (child if hasattr(child, "__iter__") else [child]):
+                block.register_forward_pre_hook(check)
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, GridMapping]:
+        """HxW(x3) uint8 -> (256x256x3 float32 model input, grid mapping)."""
+        return self.preprocessing.image_to_array(image)
+
+    def encode(self, image: np.ndarray, should_abort: Callable[[], bool] | None = None) -> Embedding:
+        """HxW or HxWx3 uint8 slice -> Embedding. Raises EncodeAborted if `should_abort()` turns true midway."""
+        import torch
+
+        array, mapping = self.prepare(image)
+        x = torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device)
+        self._abort.fn = should_abort
+        try:
+            with torch.inference_mode(), torch.autocast(self.device.split(":")[0], torch.float16,
+                                                        enabled=self.half):
+                tensors = self._family.encode(x)
+        finally:
+            self._abort.fn = None
+        tensors = {k: v.float() for k, v in tensors.items()}
+        return Embedding(self.model_id, tensors, mapping.original_size, mapping.input_size)
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def predict(self, embedding: Embedding, points: Any = None, labels: Any = None, boxes: Any = None,
+                mask_input: Any = None, return_masks: bool = True) -> Prediction:
+        """Decode prompts against one slice's embedding.
+
+        points: Nx2 or BxNx2 (x, y) slice pixels; labels: N or BxN (1 positive, 0 negative);
+        boxes: 4 or Bx4 (x0, y0, x1, y1) slice pixels, max inclusive; mask_input: Bx1xLxL logits of a previous
+        prediction. B prompts are decoded in one call. Returns masks BxHxW bool at the slice's size.
+        """
+        import time
+
+        import torch
+
+        if embedding.model_id != self.model_id:
+            raise InputError(f"embedding was made by '{embedding.model_id}', this predictor is '{self.model_id}'")
+        t0 = time.perf_counter()
+        mapping = embedding.mapping
+        coords_t, labels_t, boxes_t, batch = self._prompts_to_tensors(points, labels, boxes, mapping)
+        mask_t = None
+        if mask_input is not None:
+            mask_t = torch.as_tensor(np.asarray(mask_input, np.float32), device=self.device)
+            if mask_t.ndim == 3:
+                mask_t = mask_t[:, None]
+            if mask_t.shape[-2:] != (self.logits_grid, self.logits_grid):
+                raise InputError(f"mask_input must be Bx1x{self.logits_grid}x{self.logits_grid} logits of this model,"
+                                 f" got {tuple(mask_t.shape)}")
+            if mask_t.shape[0] != batch:
+                mask_t = mask_t.expand(batch, -1, -1, -1)
+        tensors = embedding.tensors
+        if next(iter(tensors.values())).device.type != torch.device(self.device).type:
+            tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], torch.float16, enabled=self.half):
+            logits, scores = self._family.decode(tensors, coords_t, labels_t, boxes_t, mask_t)
+        logits = logits.float()
+        t1 = time.perf_counter()
+        masks = self.logits_to_masks(logits, mapping) if return_masks else np.zeros((0,), bool)
+        t2 = time.perf_counter()
+        return Prediction(masks, logits.cpu().numpy(), scores.float().cpu().numpy(),
+                          {"decode": (t1 - t0) * 1e3, "postprocess": (t2 - t1) * 1e3})
+
+    def _prompts_to_tensors(self, points: Any, labels: Any, boxes: Any, mapping: GridMapping
+                            ) -> tuple[Any, Any, Any, int]:
+        import torch
+
+        coords_t = labels_t = boxes_t = None
+        batch = 1
+        if boxes is not None:
+            boxes_np = np.asarray(boxes, np.float64).reshape(-1, 4)
+            if not np.isfinite(boxes_np).all():
+                raise InputError("box coordinates must be finite numbers")
+            if (boxes_np[:, 2] < boxes_np[:, 0]).any() or (boxes_np[:, 3] < boxes_np[:, 1]).any():
+                raise InputError("a box needs x0 <= x1 and y0 <= y1 (x0, y0, x1, y1 in slice pixels)")
+            batch = boxes_np.shape[0]
+            boxes_t = torch.as_tensor(self.preprocessing.boxes_to_grid(boxes_np, mapping), device=self.device)
+        if points is not None:
+            pts = np.asarray(points, np.float64)
+            if pts.ndim == 2:
+                pts = pts[None]
+            if pts.ndim != 3 or pts.shape[-1] != 2 or pts.shape[1] == 0:
+                raise InputError(f"points must be Nx2 or BxNx2 (x, y), got shape {np.asarray(points).shape}")
+            if labels is None:
+                raise InputError("points need labels (1 positive, 0 negative), one per point")
+            lab = np.asarray(labels, np.int64).reshape(pts.shape[0], -1) if np.ndim(labels) == 2 else \
+                np.asarray(labels, np.int64).reshape(1, -1)
+            if lab.shape[-1] != pts.shape[1]:
+                raise InputError(f"{pts.shape[1]} points but {lab.shape[-1]} labels")
+            if pts.shape[0] == 1 and batch > 1:
+                pts, lab = np.repeat(pts, batch, 0), np.repeat(lab, batch, 0)
+            elif boxes is not None and pts.shape[0] != batch:
+                raise InputError(f"{pts.shape[0]} point sets for {batch} boxes")
+            batch = pts.shape[0]
+            coords_t = torch.as_tensor(self.preprocessing.points_to_grid(pts, mapping), device=self.device)
+            labels_t = torch.as_tensor(lab, device=self.device)
+        if coords_t is None and boxes_t is None:
+            raise InputError("no prompt given: pass at least one point or box")
+        return coords_t, labels_t, boxes_t, batch
+
+    def logits_to_masks(self, logits: Any, mapping: GridMapping) -> np.ndarray:
+        """Bx1xLxL model-grid logits -> BxHxW bool masks at the slice's size (crop the padding, bilinear, > 0)."""
+        import torch.nn.functional as F
+
+        if logits.shape[-1] != MODEL_GRID:
+            logits = F.interpolate(logits, (MODEL_GRID, MODEL_GRID), mode="bilinear", align_corners=False)
+        h, w = mapping.input_size
+        full = F.interpolate(logits[..., :h, :w], mapping.original_size, mode="bilinear", align_corners=False)
+        return (full[:, 0] > 0).cpu().numpy()
+
+
+def load_predictor(name: str = "litemedsam", device: str = "auto", checkpoint: str | None = None, *,
+                   trust: bool = False, half: bool = False) -> Predictor:
+    """Build a registry model, load its weights strictly and wrap it in a Predictor."""
+    from samunet_core.registry import get_spec, load_model
+
+    spec = get_spec(name)
+    model, weights = load_model(name, checkpoint, trust=trust)
+    return Predictor(model, name, spec.family, device=device, half=half, weights=weights)

