@@ -91,14 +91,14 @@ class ModelSpec:
 
 
 def _build_litemedsam() -> Any:
-    from samunet_core.modeling import build_litemedsam
+    from samunet_core.modeling.litemedsam import build_litemedsam
 
     return build_litemedsam()
 
 
 def _samunet_builder(backbone: str) -> Callable[[], Any]:
     def build() -> Any:
-        from samunet_core.modeling import build_samunet
+        from samunet_core.modeling.samunet import build_samunet
 
         return build_samunet(backbone)
 
@@ -164,7 +164,7 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, trust:
     if sam_vit_b is not None:
         if spec.family != "samunet":
             raise InputError(f"--sam-vit-b initialises SAM-UNet models only, not '{name}'")
-        from samunet_core.modeling import samunet_state_dict_from_sam_vit_b
+        from samunet_core.modeling.samunet import samunet_state_dict_from_sam_vit_b
 
         converted = samunet_state_dict_from_sam_vit_b(read_state_dict(sam_vit_b, trust=trust))
         unknown = sorted(set(converted) - set(model.state_dict()))

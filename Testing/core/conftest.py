@@ -1,0 +1,49 @@
+"""Shared fixtures: the real LiteMedSAM predictor (loaded once) and the in-repo CT slices."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SAM_MED2D = DATA / "sam_med2d_demo"
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    """The default model with its real weights (fails, never skips, if they are not installed)."""
+    from samunet_core.predictor import load_predictor
+
+    return load_predictor("litemedsam", device="cpu")
+
+
+def sam_med2d_targets() -> list[dict[str, object]]:
+    """The 30 reference rows of the four sam_med2d CT slices: case, target, reference Dice, box, mask path."""
+    lines = [line for line in (SAM_MED2D / "litemedsam_box_reference.csv").read_text().splitlines()
+             if not line.startswith("#")]
+    rows = []
+    for row in csv.DictReader(lines):
+        case = row["case_id"].split("/")[1]
+        target = row["target"]
+        suffix = "" if target[-4] == "_" and target[-3:].isdigit() else "_000"
+        rows.append({"case": case, "target": target, "ref_dice": float(row["dice"]),
+                     "box": [int(v) for v in row["prompt"].split()[1:]],
+                     "mask": SAM_MED2D / "masks" / f"{case}_{target}{suffix}.png"})
+    return rows
+
+
+def load_image(case: str) -> np.ndarray:
+    return np.array(Image.open(SAM_MED2D / "images" / f"{case}.png"))
+
+
+def load_mask(path: Path) -> np.ndarray:
+    return np.array(Image.open(path)) > 0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
