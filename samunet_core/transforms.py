@@ -390,7 +390,7 @@ def percentile_window(array: np.ndarray, percentiles: tuple[float, float] = DEFA
 def resolve_window(
     array: np.ndarray, window: tuple[float, float] | None = None, preset: str | None = None
 ) -> tuple[float, float] | None:
-    """The window DESIGN.md's default rules pick: explicit window, else preset, else None for uint8, else percentiles."""
+    """The window DESIGN.md's rules pick: explicit window, else preset, else None for uint8, else percentiles."""
     if window is not None and preset is not None:
         raise ValueError("give a window or a preset, not both")
     if window is not None:
