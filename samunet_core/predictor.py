@@ -137,17 +137,15 @@ class Predictor:
 
     # -- encoding -------------------------------------------------------------------------------------------------
     def _install_abort_hooks(self) -> None:
-        """Check for pre-emption between the encoder's top-level stages (cheap, and lets a prefetch yield)."""
+        """Check for pre-emption before every encoder submodule runs (a few microseconds against a ~1 s encode)."""
 
         def check(_module: Any, _inputs: Any) -> None:
             should_abort = getattr(self._abort, "fn", None)
             if should_abort is not None and should_abort():
                 raise EncodeAborted()
 
-        encoder = self.model.image_encoder
-        for child in encoder.children():
-            for block in (child if hasattr(child, "__iter__") else [child]):
-                block.register_forward_pre_hook(check)
+        for module in self.model.image_encoder.modules():
+            module.register_forward_pre_hook(check)
 
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, GridMapping]:
         """HxW(x3) uint8 -> (256x256x3 float32 model input, grid mapping)."""

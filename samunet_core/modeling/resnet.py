@@ -122,7 +122,7 @@ def _make_stage(
 
 
 def resnet_state_dict_from_torchvision(tv_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision ResNet keys (conv1, bn1, layerN, fc) -> ResNetFeatures keys (stage0.0, stage0.1, stageN); fc dropped."""
+    """torchvision ResNet keys (conv1, bn1, layerN, fc) -> our keys (stage0.0, stage0.1, stageN); fc dropped."""
     renamed: dict[str, torch.Tensor] = {}
     for key, value in tv_sd.items():
         if key.startswith("fc."):
