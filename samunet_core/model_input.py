@@ -1,4 +1,6 @@
-"""Each model family's own preprocessing: slice image -> model input tensor, and slice pixels <-> model grid.
+"""Each model family's own preprocessing policy: slice image -> model input array, slice prompts -> model grid.
+
+The grid arithmetic itself (longest-side scale and resized shape) lives in `samunet_core.transforms`.
 
 The model grid is the square the network sees (256 x 256): the slice is resized so its longest side is 256 and
 zero-padded right/bottom. The families differ in detail, and parity with their published numbers depends on it:
@@ -15,15 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from samunet_core.transforms import model_resized_shape, model_scale
+
 MODEL_GRID = 256
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def resized_shape(height: int, width: int, target: int = MODEL_GRID) -> tuple[int, int]:
-    """(h, w) after a longest-side resize to `target`, rounded as SAM and MedSAM do (int(x + 0.5))."""
-    scale = target / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -54,7 +52,7 @@ class GridMapping:
 
     @property
     def scale(self) -> float:
-        return MODEL_GRID / max(self.original_size)
+        return model_scale(*self.original_size, MODEL_GRID)
 
     @property
     def axis_scales(self) -> tuple[float, float]:
@@ -73,7 +71,7 @@ class LiteMedSAMInput:
 
         rgb = as_rgb_uint8(image)
         h, w = rgb.shape[:2]
-        new_h, new_w = resized_shape(h, w)
+        new_h, new_w = model_resized_shape(h, w, MODEL_GRID)
         resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA).astype(np.float64)
         lo, hi = resized.min(), resized.max()
         normalised = ((resized - lo) / np.clip(hi - lo, 1e-8, None)).astype(np.float32)
@@ -102,7 +100,7 @@ class SAMUNetInput:
 
         rgb = as_rgb_uint8(image)
         h, w = rgb.shape[:2]
-        new_h, new_w = resized_shape(h, w)
+        new_h, new_w = model_resized_shape(h, w, MODEL_GRID)
         resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR), np.float32)
         normalised = (resized - np.float32(SAM_PIXEL_MEAN)) / np.float32(SAM_PIXEL_STD)
         padded = np.zeros((MODEL_GRID, MODEL_GRID, 3), np.float32)

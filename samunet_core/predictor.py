@@ -34,6 +34,8 @@ class Embedding:
     tensors: dict[str, Any]
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    # Derived, prompt-independent decoder state; rebuilt on demand, never stored or counted in nbytes.
+    scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -71,8 +73,8 @@ class _Family:
     def encode(self, x: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def decode(self, tensors: dict[str, Any], coords: Any, labels: Any, boxes: Any, mask_input: Any
-               ) -> tuple[Any, Any]:
+    def decode(self, embedding: Embedding, tensors: dict[str, Any], coords: Any, labels: Any, boxes: Any,
+               mask_input: Any) -> tuple[Any, Any]:
         raise NotImplementedError
 
 
@@ -83,8 +85,12 @@ class _LiteMedSAMFamily(_Family):
     def encode(self, x: Any) -> dict[str, Any]:
         return {"image_embedding": self.model.encode(x)}
 
-    def decode(self, tensors, coords, labels, boxes, mask_input):
-        logits, iou = self.model.decode(tensors["image_embedding"], coords, labels, boxes, mask_input)
+    def decode(self, embedding, tensors, coords, labels, boxes, mask_input):
+        image = tensors["image_embedding"]
+        cache = embedding.scratch.get("decoder_cache")
+        if cache is None or cache.keys.device != image.device:
+            cache = embedding.scratch["decoder_cache"] = self.model.image_side_cache(image)
+        logits, iou = self.model.decode_cached(image, cache, coords, labels, boxes, mask_input)
         return logits, iou[:, 0]
 
 
@@ -96,7 +102,7 @@ class _SAMUNetFamily(_Family):
         image_embeddings, msf = self.model.encode(x)
         return {"image_embeddings": image_embeddings, "msf": msf}
 
-    def decode(self, tensors, coords, labels, boxes, mask_input):
+    def decode(self, embedding, tensors, coords, labels, boxes, mask_input):
         import torch
 
         logits = self.model.decode(tensors["image_embeddings"], tensors["msf"], coords, labels, boxes, mask_input)
@@ -122,12 +128,20 @@ def resolve_device(device: str = "auto") -> str:
 class Predictor:
     """One loaded model on one device. Thread-safe for concurrent `predict`; `encode` may be aborted cooperatively."""
 
-    def __init__(self, model: Any, model_id: str, family: str, device: str = "auto", half: bool = False,
+    def __init__(self, model: Any, model_id: str, family: str, device: str = "auto", precision: str = "fp32",
                  weights: Any = None) -> None:
+        import torch
+
         self.device = resolve_device(device)
         self.model_id = model_id
         self.weights = weights
-        self.half = bool(half) and self.device != "cpu"
+        dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if precision not in dtypes:
+            raise InputError(f"unknown precision '{precision}'; use fp32, bf16 or fp16")
+        if precision == "fp16" and self.device == "cpu":
+            raise InputError("fp16 needs a GPU; on the CPU use bf16 or fp32")
+        self.precision = precision
+        self._autocast_dtype = dtypes[precision]
         self.model = model.to(self.device).eval()
         self._family = _FAMILIES[family](self.model)
         self.preprocessing = self._family.preprocessing
@@ -147,6 +161,16 @@ class Predictor:
         for module in self.model.image_encoder.modules():
             module.register_forward_pre_hook(check)
 
+    def _autocast(self) -> Any:
+        """Reduced-precision autocast when asked for; a no-op context in fp32 (so an outer autocast still applies)."""
+        import contextlib
+
+        import torch
+
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, self._autocast_dtype)
+
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, GridMapping]:
         """HxW(x3) uint8 -> (256x256x3 float32 model input, grid mapping)."""
         return self.preprocessing.image_to_array(image)
@@ -159,8 +183,7 @@ class Predictor:
         x = torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device)
         self._abort.fn = should_abort
         try:
-            with torch.inference_mode(), torch.autocast(self.device.split(":")[0], torch.float16,
-                                                        enabled=self.half):
+            with torch.inference_mode(), self._autocast():
                 tensors = self._family.encode(x)
         finally:
             self._abort.fn = None
@@ -198,8 +221,8 @@ class Predictor:
         tensors = embedding.tensors
         if next(iter(tensors.values())).device.type != torch.device(self.device).type:
             tensors = {k: v.to(self.device) for k, v in tensors.items()}
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], torch.float16, enabled=self.half):
-            logits, scores = self._family.decode(tensors, coords_t, labels_t, boxes_t, mask_t)
+        with torch.inference_mode(), self._autocast():
+            logits, scores = self._family.decode(embedding, tensors, coords_t, labels_t, boxes_t, mask_t)
         logits = logits.float()
         t1 = time.perf_counter()
         masks = self.logits_to_masks(logits, mapping) if return_masks else np.zeros((0,), bool)
@@ -256,10 +279,10 @@ class Predictor:
 
 
 def load_predictor(name: str = "litemedsam", device: str = "auto", checkpoint: str | None = None, *,
-                   trust: bool = False, half: bool = False) -> Predictor:
+                   trust: bool = False, precision: str = "fp32") -> Predictor:
     """Build a registry model, load its weights strictly and wrap it in a Predictor."""
     from samunet_core.registry import get_spec, load_model
 
     spec = get_spec(name)
     model, weights = load_model(name, checkpoint, trust=trust)
-    return Predictor(model, name, spec.family, device=device, half=half, weights=weights)
+    return Predictor(model, name, spec.family, device=device, precision=precision, weights=weights)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from samunet_core.modeling import fast_decoder
 from samunet_core.modeling.prompts import check_prompts, expand_to_prompts, prompt_count
 from samunet_core.modeling.sam_parts import sam_modeling
 from samunet_core.modeling.tinyvit import TinyViT
@@ -87,6 +88,32 @@ class LiteMedSAM(nn.Module):
             for i in range(n)
         ]
         return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+
+    def image_side_cache(self, image_embedding: torch.Tensor) -> fast_decoder.ImageSideCache:
+        """Prompt-independent decoder work for one 1x256x64x64 embedding (reused by every later `decode_cached`)."""
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return fast_decoder.build_image_side_cache(self.mask_decoder, image_embedding,
+                                                   self.prompt_encoder.get_dense_pe(), no_mask)
+
+    def decode_cached(
+        self,
+        image_embedding: torch.Tensor,
+        cache: fast_decoder.ImageSideCache,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` for B prompts on ONE image (1x256x64x64) with its ImageSideCache: same outputs, less work."""
+        n = prompt_count(point_coords, point_labels, boxes, mask_input)
+        check_prompts(image_embedding, n, EMBEDDING_SIZE, 256, point_coords, point_labels, boxes, mask_input,
+                      LOGITS_SIZE)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return fast_decoder.decode(self.mask_decoder, cache, sparse, dense if mask_input is not None else None,
+                                   image_embedding, multimask)
 
 
 def build_litemedsam() -> LiteMedSAM:
