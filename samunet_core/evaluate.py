@@ -49,24 +49,22 @@ CSV_COLUMNS = ("case_id", "modality", "kind", "target", "label", "k", "dice", "n
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Volume:
-    """A 3D case read into LPS arrays: image KxHxW (native dtype), labels KxHxW int; spacing (k, row, col) in mm."""
+    """A 3D case as displayed axial slices: image KxHxW (native dtype), labels KxHxW int (LPS array[k]);
+    spacing (k, row, col) in mm."""
 
     image: np.ndarray
     labels: np.ndarray
     spacing: tuple[float, float, float]
 
 
-def read_image_2d(path: Path) -> np.ndarray:
-    """HxW or HxWx3 uint8 from a PNG/JPEG (grey stays grey, colour becomes RGB)."""
-    from PIL import Image
+def read_image_2d(path: Path, case_id: str) -> np.ndarray:
+    """HxW or HxWx3 image of a 2D case (grey stays grey, colour becomes RGB); 16-bit grey is kept."""
+    from samunet_core.io.volumes import read_image_2d as read_png
 
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB") if img.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else img.convert("L")
-            return np.asarray(img, dtype=np.uint8).copy()
-    except OSError as exc:
-        raise InputError(f"cannot read image {path} ({exc}); it must be an 8-bit PNG or JPEG") from exc
+        return read_png(path).array
+    except InputError as exc:
+        raise InputError(f"case '{case_id}': {exc}") from exc
 
 
 def read_mask_2d(path: Path, shape: tuple[int, int], case_id: str) -> np.ndarray:
@@ -87,48 +85,31 @@ def read_mask_2d(path: Path, shape: tuple[int, int], case_id: str) -> np.ndarray
 
 
 def read_volume(case: Case) -> Volume:
-    """Image and labelmap of a 3D case, reoriented to LPS, on one checked grid."""
-    image_img = _read_sitk(case.image, case.id, "image")
-    label_img = _read_sitk(case.labelmap, case.id, "labelmap")
-    _check_same_grid(image_img, label_img, case)
-    import SimpleITK as sitk
-
-    image_img = sitk.DICOMOrient(image_img, "LPS")
-    label_img = sitk.DICOMOrient(label_img, "LPS")
-    image = sitk.GetArrayFromImage(image_img)
-    labels = sitk.GetArrayFromImage(label_img)
-    if image.ndim != 3 or labels.ndim != 3:
-        raise InputError(f"case '{case.id}': image and labelmap must be single-component 3D volumes, got arrays "
-                         f"{image.shape} and {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        labels = np.rint(labels).astype(np.int64)
-    sx, sy, sz = label_img.GetSpacing()
-    return Volume(image, labels, (float(sz), float(sy), float(sx)))
+    """Image and labelmap of a 3D case as LPS axial slices (array[k] of the LPS-reoriented volume), grids checked."""
+    image = _read_3d(case.image, case.id, "image")
+    labels = _read_3d(case.labelmap, case.id, "labelmap")
+    if not image.geometry.same_grid(labels.geometry):
+        raise InputError(f"case '{case.id}': image {case.image} ({image.geometry.describe()}) and labelmap "
+                         f"{case.labelmap} ({labels.geometry.describe()}) are not on one voxel grid; resample the "
+                         "labelmap onto the image")
+    frame = image.frame("axial")
+    label_array = labels.array
+    if not np.issubdtype(label_array.dtype, np.integer):
+        label_array = np.rint(label_array).astype(np.int64)
+    sx, sy, sz = frame.reorientation.lps_geometry(image.geometry).spacing
+    return Volume(frame.volume_to_slices(image.array), frame.volume_to_slices(label_array), (sz, sy, sx))
 
 
-def _read_sitk(path: Path | None, case_id: str, what: str) -> Any:
-    import SimpleITK as sitk
+def _read_3d(path: Path | None, case_id: str, what: str) -> Any:
+    from samunet_core.io.volumes import read_volume as read_any
 
     try:
-        if path is not None and path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            files = reader.GetGDCMSeriesFileNames(str(path))
-            if not files:
-                raise InputError(f"case '{case_id}': {what} folder {path} holds no DICOM series")
-            reader.SetFileNames(files)
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"case '{case_id}': cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from exc
-
-
-def _check_same_grid(a: Any, b: Any, case: Case) -> None:
-    checks = {"size": (a.GetSize(), b.GetSize()), "spacing": (a.GetSpacing(), b.GetSpacing()),
-              "origin": (a.GetOrigin(), b.GetOrigin()), "direction": (a.GetDirection(), b.GetDirection())}
-    for name, (va, vb) in checks.items():
-        if len(va) != len(vb) or not np.allclose(va, vb, atol=1e-3, rtol=0):
-            raise InputError(f"case '{case.id}': image {case.image} and labelmap {case.labelmap} differ in {name} "
-                             f"({va} vs {vb}); they must share one voxel grid")
+        volume = read_any(path)
+    except InputError as exc:
+        raise InputError(f"case '{case_id}': {what}: {exc}") from exc
+    if volume.is_2d:
+        raise InputError(f"case '{case_id}': {what} {path} is a 2D image; a 3d case needs a volume")
+    return volume
 
 
 def window_slice(array: np.ndarray, window: Window | None, volume_window: Window | None) -> np.ndarray:
@@ -137,19 +118,20 @@ def window_slice(array: np.ndarray, window: Window | None, volume_window: Window
     uint8 data without a window is used as it is; otherwise the window (the target's, else the volume's percentile
     window `volume_window`) maps to 0..255 by clip((I - lo)/(hi - lo), 0, 1) * 255, truncated.
     """
+    from samunet_core.transforms import window_to_uint8
+
     if window is None:
         if array.dtype == np.uint8:
             return array
         window = volume_window
-    lo, hi = window
-    scaled = np.clip((array.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0) * 255.0
-    return scaled.astype(np.uint8)
+    return window_to_uint8(array, *window)
 
 
-def percentile_window(volume: np.ndarray) -> Window:
-    """The 0.5 and 99.5 percentiles of a volume (the default window for unscaled data such as MR)."""
-    lo, hi = np.percentile(volume, [0.5, 99.5])
-    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+def volume_default_window(image: np.ndarray) -> Window | None:
+    """The window for targets without one: None for 8-bit data, else the 0.5/99.5 percentiles of the volume."""
+    from samunet_core.transforms import percentile_window
+
+    return None if image.dtype == np.uint8 else percentile_window(image)
 
 
 @dataclass
@@ -166,7 +148,7 @@ def plan_3d(case: Case, labels: np.ndarray, slice_stride: int = 1) -> list[Slice
     max_label = max(max(case.labels), int(labels.max()))
     groups: list[SliceTargets] = []
     for k in range(0, labels.shape[0], slice_stride):
-        counts = np.bincount(labels[k].ravel().clip(0), minlength=max_label + 1)
+        counts = np.bincount(labels[k].ravel().astype(np.int64).clip(0), minlength=max_label + 1)
         by_window: dict[Window | None, list[int]] = {}
         for label in case.labels:
             if counts[label] >= MIN_SLICE_VOXELS:
@@ -181,9 +163,8 @@ def count_targets(case: Case, slice_stride: int, protocol: str) -> int:
         return len(case.labels) if case.kind == "3d" else 0
     if case.kind == "2d":
         return len(case.targets)
-    import SimpleITK as sitk
-
-    labels = sitk.GetArrayFromImage(sitk.DICOMOrient(_read_sitk(case.labelmap, case.id, "labelmap"), "LPS"))
+    labels_volume = _read_3d(case.labelmap, case.id, "labelmap")
+    labels = labels_volume.frame("axial").volume_to_slices(labels_volume.array)
     return sum(len(g.labels) for g in plan_3d(case, labels, slice_stride))
 
 
@@ -369,30 +350,58 @@ def summarise(rows: list[Row], info: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Overlays
 # ---------------------------------------------------------------------------------------------------------------------
-def render_overlay(item: dict[str, Any], min_side: int = 512) -> np.ndarray:
-    """HxWx3 uint8 RGB: the model's image, reference contour (green), prediction contour (red), box (yellow),
-    clicks (positive cyan, negative magenta) and a caption."""
+def _draw_panel(rgb: np.ndarray, item: dict[str, Any], region: tuple[int, int, int, int], side: int) -> np.ndarray:
+    """Crop `region` (y0, y1, x0, x1; end exclusive) of HxWx3 `rgb`, scale it up by an integer factor towards `side`
+    pixels and draw the contours and prompts on it."""
     import cv2
 
-    image = item["image"]
-    rgb = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
-    h, w = rgb.shape[:2]
-    scale = max(1, int(np.ceil(min_side / max(h, w))))
-    canvas = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST).copy()
+    y0, y1, x0, x1 = region
+    h, w = y1 - y0, x1 - x0
+    scale = max(1, side // max(h, w))
+    canvas = cv2.resize(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (w * scale, h * scale),
+                        interpolation=cv2.INTER_NEAREST)
 
     def contour(mask: np.ndarray, color: tuple[int, int, int]) -> None:
-        big = cv2.resize(mask.astype(np.uint8), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+        crop = np.ascontiguousarray(mask[y0:y1, x0:x1]).astype(np.uint8)
+        big = cv2.resize(crop, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
         found, _ = cv2.findContours(big, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, found, -1, color, 1)
+        cv2.drawContours(canvas, found, -1, color, 2 if scale > 1 else 1)
 
     contour(item["ref"], (0, 255, 0))
     contour(item["pred"], (255, 0, 0))
     if item["box"] is not None:
-        x0, y0, x1, y1 = item["box"]
-        cv2.rectangle(canvas, (x0 * scale, y0 * scale), ((x1 + 1) * scale - 1, (y1 + 1) * scale - 1), (255, 255, 0), 1)
+        bx0, by0, bx1, by1 = item["box"]
+        cv2.rectangle(canvas, ((bx0 - x0) * scale, (by0 - y0) * scale),
+                      ((bx1 + 1 - x0) * scale - 1, (by1 + 1 - y0) * scale - 1), (255, 255, 0), 1)
     for click in item["clicks"]:
-        centre = (int(click.x * scale + scale // 2), int(click.y * scale + scale // 2))
+        centre = (int((click.x - x0) * scale + scale // 2), int((click.y - y0) * scale + scale // 2))
         cv2.circle(canvas, centre, 5, (0, 255, 255) if click.positive else (255, 0, 255), -1)
+    return canvas
+
+
+def render_overlay(item: dict[str, Any], side: int = 512) -> np.ndarray:
+    """RGB uint8 picture of one target: the whole image the model saw (left) and a close-up of the target (right),
+    with the reference contour (green), predicted contour (red), box (yellow), clicks (positive cyan, negative
+    magenta) and a caption."""
+    import cv2
+
+    image = item["image"]
+    rgb = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image[:, :, :3])
+    h, w = rgb.shape[:2]
+    panels = [_draw_panel(rgb, item, (0, h, 0, w), side)]
+    area = item["ref"] | item["pred"]
+    if area.any():
+        x0, y0, x1, y1 = metrics.tight_box(area)
+        if item["box"] is not None:
+            x0, y0, x1, y1 = min(x0, item["box"][0]), min(y0, item["box"][1]), max(x1, item["box"][2]), \
+                max(y1, item["box"][3])
+        margin = max(8, (max(x1 - x0, y1 - y0) + 1) // 4)
+        region = (max(y0 - margin, 0), min(y1 + margin + 1, h), max(x0 - margin, 0), min(x1 + margin + 1, w))
+        if (region[1] - region[0]) * (region[3] - region[2]) < 0.5 * h * w:
+            panels.append(_draw_panel(rgb, item, region, side))
+    height = max(p.shape[0] for p in panels)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
+    canvas = np.concatenate(padded, axis=1)
     cv2.putText(canvas, item["title"], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return canvas
 
@@ -427,9 +436,9 @@ def _target_row(case: Case, target: str, label: int | None, k: int | None, ref: 
 
 
 def _eval_case_2d(case: Case, protocol: str, predictor: TimedPredictor, worst: WorstTargets) -> Iterator[Row]:
-    image = read_image_2d(case.image)
-    if case.window is not None and image.dtype != np.uint8:
-        image = window_slice(image, case.window, None)
+    image = read_image_2d(case.image, case.id)
+    if image.dtype != np.uint8:
+        image = window_slice(image, case.window, volume_default_window(image))
     embedding = predictor.encode(image)
     for target in case.targets:
         ref = read_mask_2d(target.mask, image.shape[:2], case.id)
@@ -445,8 +454,7 @@ def _eval_case_3d(case: Case, protocol: str, predictor: TimedPredictor, worst: W
                   slice_stride: int) -> Iterator[Row]:
     volume = read_volume(case)
     _check_labels_present(case, volume.labels)
-    volume_window = percentile_window(volume.image) if case.window is None and volume.image.dtype != np.uint8 \
-        else None
+    volume_window = volume_default_window(volume.image) if case.window is None else None
     in_plane = volume.spacing[1:]
     for group in plan_3d(case, volume.labels, slice_stride):
         k = group.k
@@ -468,27 +476,69 @@ def _check_labels_present(case: Case, labels: np.ndarray) -> None:
                          f"{case.labelmap}; list only labels that occur")
 
 
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+class _RecordingDecoder:
+    """A propagate.SliceDecoder over cached embeddings of one (case, window) that records each decode's slice and
+    predicted IoU."""
+
+    def __init__(self, predictor: TimedPredictor, embedding_of: Any) -> None:
+        self.predictor, self.embedding_of = predictor, embedding_of
+        self.calls: list[tuple[int, float]] = []
+
+    def predict(self, k: int, **prompts: Any) -> Any:
+        out = self.predictor.predict(self.embedding_of(k), **prompts)
+        self.calls.append((k, float(out.scores[0])))
+        return out
+
+
 def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTargets) -> Iterator[Row]:
-    from samunet_core.eval_propagate import propagate_label
+    """One row per label: a box on the label's largest axial slice, carried through the volume by
+    `samunet_core.propagate.propagate_from_box`; 3D Dice and NSD over the whole volume."""
+    from samunet_core.cache import EmbeddingCache
+    from samunet_core.propagate import propagate_from_box, stack
 
     volume = read_volume(case)
     _check_labels_present(case, volume.labels)
-    volume_window = percentile_window(volume.image) if case.window is None and volume.image.dtype != np.uint8 \
-        else None
+    volume_window = volume_default_window(volume.image) if case.window is None else None
+    n_slices, shape = volume.labels.shape[0], volume.labels.shape[1:]
+    cache = EmbeddingCache()  # slices are shared by every label with the same window
+
+    def embedding_of(k: int, window: Window | None) -> Any:
+        key = (str(getattr(predictor.predictor, "model_id", "")), f"{case.id}|{window}", f"axial:{k}")
+        embedding = cache.get(key)
+        if embedding is None:
+            embedding = predictor.encode(window_slice(volume.image[k], window, volume_window))
+            cache.put(key, embedding)
+        return embedding
+
     for label, name in case.labels.items():
         ref3d = volume.labels == label
+        areas = ref3d.reshape(n_slices, -1).sum(axis=1)
+        k_start = int(np.argmax(areas))  # the first maximum: ties go to the lowest k
         window = case.window_for(label)
-        result = propagate_label(predictor, volume.image, ref3d, lambda a, w=window: window_slice(a, w, volume_window))
-        row = Row(case.id, case.modality, case.kind, name, label, result.k_start,
-                  metrics.dice(result.pred, ref3d), metrics.nsd(result.pred, ref3d, NSD_TOLERANCE_MM_3D,
-                                                                volume.spacing),
-                  result.iou_pred, int(ref3d.sum()), int(result.pred.sum()),
-                  metrics.count_components(ref3d[result.k_start]), int(result.lcc_pixels), result.prompt, 0,
-                  [], window, result.extra)
-        start_ref = ref3d[result.k_start]
-        outcome = Outcome(result.pred[result.k_start], result.prompt, result.iou_pred, [row.dice], box=result.box)
-        image = window_slice(volume.image[result.k_start], window, volume_window)
-        worst.offer(row.dice, image, start_ref, outcome, f"{case.id} {name} k{result.k_start} dice3d {row.dice:.3f}")
+        lcc = metrics.largest_component(ref3d[k_start])
+        box = metrics.tight_box(lcc)
+        decoder = _RecordingDecoder(predictor, lambda k, w=window: embedding_of(k, w))
+        masks = propagate_from_box(decoder, n_slices, k_start, np.asarray(box, np.float64))
+        pred = stack(masks, n_slices, shape)
+        reached = sorted(masks)
+        scores = [score for _, score in decoder.calls]
+        gt_k = np.flatnonzero(areas)
+        extra = (f"k_start={k_start}; walked={reached[0]}-{reached[-1]}; gt_k={gt_k[0]}-{gt_k[-1]}; "
+                 f"slices_segmented={int(pred.reshape(n_slices, -1).any(axis=1).sum())}; "
+                 f"iou_start={scores[0]:.4f}; decodes={len(scores)}")
+        row = Row(case.id, case.modality, case.kind, name, label, k_start, metrics.dice(pred, ref3d),
+                  metrics.nsd(pred, ref3d, NSD_TOLERANCE_MM_3D, volume.spacing), _finite_mean(scores),
+                  int(ref3d.sum()), int(pred.sum()), metrics.count_components(ref3d[k_start]), int(lcc.sum()),
+                  "box {} {} {} {}".format(*box), 0, [], window, extra)
+        if worst.wants(row.dice):
+            outcome = Outcome(pred[k_start], row.prompt, scores[0], [row.dice], box=box)
+            image = window_slice(volume.image[k_start], window, volume_window)
+            worst.offer(row.dice, image, ref3d[k_start], outcome, f"{case.id} {name} k{k_start} 3D dice {row.dice:.3f}")
         yield row
 
 
@@ -526,9 +576,12 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
                 produced = _eval_case_2d(case, protocol, timed, worst)
             else:
                 produced = _eval_case_3d(case, protocol, timed, worst, slice_stride)
+            case_rows = []
             for row in produced:
-                rows.append(row)
+                case_rows.append(row)
                 bar.update(1)
+            # 3D rows come slice by slice; list them label by label, slices ascending (2D rows keep manifest order).
+            rows += sorted(case_rows, key=lambda r: (r.label or 0, r.k or 0))
     wall = time.perf_counter() - t_start
     import torch
 

@@ -1,0 +1,51 @@
+"""`samunet bench --out FILE.json`: latency, throughput and memory of a model on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--model", default="litemedsam", help="registry model name (default: litemedsam)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CPU, plus CUDA when present), cpu or cuda (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--volume", default=None,
+                        help="CT volume or DICOM series folder to take real slices from (default: the repository's "
+                             "512x512 DICOM test series, else slicerio's CTChest4)")
+    parser.add_argument("--encoder-runs", type=int, default=20, help="timed encoder runs after warm-up (>= 20)")
+    parser.add_argument("--decoder-runs", type=int, default=100, help="timed prompts (>= 100)")
+    parser.add_argument("--volume-slices", type=int, default=8, help="slices timed for volume_slices_per_s")
+    parser.add_argument("--memory-slices", type=int, default=None,
+                        help="slices the 300-slice memory check encodes (default: enough to fill the default "
+                             "cache cap and evict; 0 skips the check)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from samunet_core.bench import run_bench
+    from samunet_core.io.atomic import atomic_path, check_writable
+
+    out = check_writable(args.out)
+    document = run_bench(model=args.model, device=args.device, threads=args.threads, volume_path=args.volume,
+                         encoder_runs=args.encoder_runs, decoder_runs=args.decoder_runs,
+                         volume_slices=args.volume_slices, memory_slices=args.memory_slices,
+                         progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    for device, r in document["runs"].items():
+        line = (f"{device} ({r['threads']} threads): encoder p50 {r['encoder_ms']['p50']:.0f} ms, decoder p50 "
+                f"{r['decoder_ms']['p50']:.1f} ms, click-to-mask p50 {r['click_to_mask_ms']['p50']:.1f} ms "
+                f"(p95 {r['click_to_mask_ms']['p95']:.1f}), {r['volume_slices_per_s']:.2f} slices/s")
+        print(line)
+        if "memory_check" in r:
+            m = r["memory_check"]
+            print(f"  memory check: {m['volume_shape']} volume, {m['slices_encoded']} slices encoded, cache "
+                  f"{m['cache_bytes'] / 2**20:.0f} MiB ({m['cache_evictions']} evictions), peak RSS "
+                  f"{m['peak_rss_mb']:.0f} MB -> {'PASS' if m['passed'] else 'FAIL'} (< 2 GB)")
+    print(f"wrote {out}")
+    return 0
