@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="3D cases: only axial slices k with k %% K == 0 (default 1: every slice)")
     parser.add_argument("--overlays", type=int, default=0, metavar="N",
                         help="write PNGs of the N lowest-Dice targets to OUT/overlays/")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep slice embeddings on disk here; reruns (other protocols, models sharing the encoder) "
+                             "then skip the encoder")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -37,10 +41,19 @@ def run(args: argparse.Namespace) -> int:
     if args.overlays < 0:
         raise InputError(f"--overlays must be >= 0, got {args.overlays}")
     manifest = load_manifest(args.manifest)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    cache = None
+    if args.cache_dir:
+        from samunet_core.cache import EmbeddingCache
+
+        cache = EmbeddingCache(max_bytes=256 * 1024 * 1024, disk_dir=args.cache_dir)
     predictor = load_predictor(args.model, device=args.device, checkpoint=args.checkpoint)
     summary = evaluate(manifest, predictor, args.protocol, Path(args.out), manifest_path=str(args.manifest),
                        limit=args.limit, slice_stride=args.slice_stride, overlays=args.overlays,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, cache=cache)
     print(f"{summary['model']} {summary['protocol']}: {summary['n_targets']} targets, mean Dice "
           f"{summary['mean_dice']:.4f}, mean NSD {summary['mean_nsd']:.4f} ({summary['wall_s']:.0f} s)")
     for modality, stats in summary["by_modality"].items():

@@ -184,18 +184,31 @@ class Outcome:
 
 
 class TimedPredictor:
-    """Wraps a Predictor and adds up encoder/decoder time and calls."""
+    """Wraps a Predictor and adds up encoder/decoder time and calls; optionally reuses embeddings from a cache
+    keyed by the pixels the encoder sees (so every protocol, and every model sharing the encoder, encodes once)."""
 
-    def __init__(self, predictor: Any) -> None:
+    def __init__(self, predictor: Any, cache: Any = None) -> None:
         self.predictor = predictor
+        self.cache = cache
         self.encoder_s = self.decoder_s = 0.0
-        self.encoder_calls = self.decoder_calls = 0
+        self.encoder_calls = self.decoder_calls = self.cache_hits = 0
 
     def encode(self, image: np.ndarray) -> Any:
+        from samunet_core.cache import content_hash
+
+        key = None
+        if self.cache is not None:
+            key = (self.predictor.encoder_id, content_hash(image), "image")
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.cache_hits += 1
+                return cached
         t0 = time.perf_counter()
         embedding = self.predictor.encode(image)
         self.encoder_s += time.perf_counter() - t0
         self.encoder_calls += 1
+        if key is not None:
+            self.cache.put(key, embedding)
         return embedding
 
     def predict(self, embedding: Any, **prompts: Any) -> Any:
@@ -543,8 +556,8 @@ def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTarg
 
 
 def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *, manifest_path: str = "",
-             limit: int | None = None, slice_stride: int = 1, overlays: int = 0, progress: bool = True
-             ) -> dict[str, Any]:
+             limit: int | None = None, slice_stride: int = 1, overlays: int = 0, progress: bool = True,
+             cache: Any = None) -> dict[str, Any]:
     """Run one protocol over a manifest; write DIR/results.csv, DIR/summary.json (and overlays). Returns the summary.
 
     limit: only the first N cases; slice_stride: only 3D slices k with k % stride == 0.
@@ -563,7 +576,7 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    timed = TimedPredictor(predictor)
+    timed = TimedPredictor(predictor, cache)
     worst = WorstTargets(overlays)
     total = sum(count_targets(c, slice_stride, protocol) for c in cases)
     rows: list[Row] = []
@@ -592,7 +605,8 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
         "min_slice_voxels": MIN_SLICE_VOXELS,
         "device": str(getattr(predictor, "device", "?")), "threads": torch.get_num_threads(),
         "wall_s": round(wall, 2),
-        "encoder_calls": timed.encoder_calls, "encoder_s": round(timed.encoder_s, 2),
+        "encoder_calls": timed.encoder_calls, "encoder_cache_hits": timed.cache_hits,
+        "encoder_s": round(timed.encoder_s, 2),
         "encoder_ms_mean": round(1e3 * timed.encoder_s / max(timed.encoder_calls, 1), 1),
         "decoder_calls": timed.decoder_calls, "decoder_s": round(timed.decoder_s, 2),
         "decoder_ms_mean": round(1e3 * timed.decoder_s / max(timed.decoder_calls, 1), 1),

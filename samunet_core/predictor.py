@@ -129,11 +129,13 @@ class Predictor:
     """One loaded model on one device. Thread-safe for concurrent `predict`; `encode` may be aborted cooperatively."""
 
     def __init__(self, model: Any, model_id: str, family: str, device: str = "auto", precision: str = "fp32",
-                 weights: Any = None) -> None:
+                 weights: Any = None, encoder_id: str | None = None) -> None:
         import torch
 
         self.device = resolve_device(device)
         self.model_id = model_id
+        # Models that share an image encoder (same weights) share embeddings: they are made and cached under this id.
+        self.encoder_id = encoder_id or model_id
         self.weights = weights
         dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         if precision not in dtypes:
@@ -188,7 +190,7 @@ class Predictor:
         finally:
             self._abort.fn = None
         tensors = {k: v.float() for k, v in tensors.items()}
-        return Embedding(self.model_id, tensors, mapping.original_size, mapping.input_size)
+        return Embedding(self.encoder_id, tensors, mapping.original_size, mapping.input_size)
 
     # -- decoding -------------------------------------------------------------------------------------------------
     def predict(self, embedding: Embedding, points: Any = None, labels: Any = None, boxes: Any = None,
@@ -203,8 +205,9 @@ class Predictor:
 
         import torch
 
-        if embedding.model_id != self.model_id:
-            raise InputError(f"embedding was made by '{embedding.model_id}', this predictor is '{self.model_id}'")
+        if embedding.model_id != self.encoder_id:
+            raise InputError(f"embedding was made by encoder '{embedding.model_id}', this predictor's encoder is "
+                             f"'{self.encoder_id}'")
         t0 = time.perf_counter()
         mapping = embedding.mapping
         coords_t, labels_t, boxes_t, batch = self._prompts_to_tensors(points, labels, boxes, mapping)
@@ -285,4 +288,5 @@ def load_predictor(name: str = "litemedsam", device: str = "auto", checkpoint: s
 
     spec = get_spec(name)
     model, weights = load_model(name, checkpoint, trust=trust)
-    return Predictor(model, name, spec.family, device=device, precision=precision, weights=weights)
+    return Predictor(model, name, spec.family, device=device, precision=precision, weights=weights,
+                     encoder_id=spec.encoder_id)

@@ -88,6 +88,7 @@ class ModelSpec:
     cache_bytes_fp32: int
     build: Callable[[], Any]
     weights: Any  # PackagedWeights | UserCheckpoint | derived source with locate/require/status
+    encoder_id: str | None = None  # models with the same frozen image encoder share cached embeddings
 
 
 def _build_litemedsam() -> Any:

@@ -69,7 +69,7 @@ class VolumeSession:
 
     # -- public API -----------------------------------------------------------------------------------------------
     def key(self, k: int) -> tuple[str, str, str]:
-        return (self.predictor.model_id, self.volume_key, f"{self.axis}:{k}")
+        return (self.predictor.encoder_id, self.volume_key, f"{self.axis}:{k}")
 
     def cached(self, k: int) -> Embedding | None:
         """The embedding of slice k if it is already computed (never encodes)."""
