@@ -1,0 +1,53 @@
+"""Print README's result tables from `samunet eval` summaries and `samunet bench` JSON (never typed by hand).
+
+usage: python scripts/make_tables.py eval DIR [DIR ...]      (each DIR holds a summary.json)
+       python scripts/make_tables.py bench FILE.json [...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def eval_table(dirs: list[str]) -> str:
+    lines = ["| model | protocol | n | mean Dice | mean NSD | by modality (n, Dice) | 3D stride |",
+             "|---|---|---|---|---|---|---|"]
+    for d in dirs:
+        s = json.loads((Path(d) / "summary.json").read_text())
+        mods = ", ".join(f"{m} {v['n']}: {v['mean_dice']:.4f}" for m, v in sorted(s["by_modality"].items()))
+        lines.append(f"| {s['model']} | {s['protocol']} | {s['n_targets']} | {s['mean_dice']:.4f} | "
+                     f"{s.get('mean_nsd', float('nan')):.4f} | {mods} | {s.get('slice_stride', 1)} |")
+    return "\n".join(lines)
+
+
+def bench_table(files: list[str]) -> str:
+    lines = ["| device | threads | model | encoder ms p50 / p95 | decoder ms p50 / p95 | click-to-mask ms p50 / p95 | "
+             "volume slices/s | cache KiB/slice fp32 / fp16 | 300-slice session peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        for r in doc.get("runs", [doc]):
+            mem = r.get("memory_check") or {}
+            rss = f"{mem['peak_rss_mb']:.0f} MB" if mem.get("peak_rss_mb") else "n/a"
+            lines.append(
+                f"| {r['device']} ({r.get('device_name', '')}) | {r['threads']} | {r['model']} | "
+                f"{r['encoder_ms']['p50']:.0f} / {r['encoder_ms']['p95']:.0f} | "
+                f"{r['decoder_ms']['p50']:.1f} / {r['decoder_ms']['p95']:.1f} | "
+                f"{r['click_to_mask_ms']['p50']:.1f} / {r['click_to_mask_ms']['p95']:.1f} | "
+                f"{r['volume_slices_per_s']:.2f} | {r['cache_bytes_per_slice']['fp32'] // 1024} / "
+                f"{r['cache_bytes_per_slice']['fp16'] // 1024} | {rss} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("eval", "bench"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(eval_table(argv[1:]) if argv[0] == "eval" else bench_table(argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
