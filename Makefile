@@ -5,6 +5,7 @@ demo: install
 	.venv/bin/samunet segment Resources/Samples/CTChest4.nrrd --prompts Resources/Samples/ctchest_prompts.json --output out/CTChest4.seg.nrrd --overlay out/CTChest4_overlay.png
 test: install
 	.venv/bin/ruff check .
+	.venv/bin/python scripts/check_slicer_module.py
 	.venv/bin/python -m pytest -q
 lint: install
 	.venv/bin/ruff check .
