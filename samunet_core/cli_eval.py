@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="keep slice embeddings on disk here; reruns (other protocols, models sharing the encoder) "
                              "then skip the encoder")
+    parser.add_argument("--fp16-embeddings", action="store_true",
+                        help="decode from embeddings rounded to fp16, as an fp16 embedding cache stores them")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.model, device=args.device, checkpoint=args.checkpoint)
     summary = evaluate(manifest, predictor, args.protocol, Path(args.out), manifest_path=str(args.manifest),
                        limit=args.limit, slice_stride=args.slice_stride, overlays=args.overlays,
-                       progress=not args.no_progress, cache=cache)
+                       progress=not args.no_progress, cache=cache,
+                       fp16_embeddings=args.fp16_embeddings)
     print(f"{summary['model']} {summary['protocol']}: {summary['n_targets']} targets, mean Dice "
           f"{summary['mean_dice']:.4f}, mean NSD {summary['mean_nsd']:.4f} ({summary['wall_s']:.0f} s)")
     for modality, stats in summary["by_modality"].items():

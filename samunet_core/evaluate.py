@@ -187,9 +187,10 @@ class TimedPredictor:
     """Wraps a Predictor and adds up encoder/decoder time and calls; optionally reuses embeddings from a cache
     keyed by the pixels the encoder sees (so every protocol, and every model sharing the encoder, encodes once)."""
 
-    def __init__(self, predictor: Any, cache: Any = None) -> None:
+    def __init__(self, predictor: Any, cache: Any = None, fp16_embeddings: bool = False) -> None:
         self.predictor = predictor
         self.cache = cache
+        self.fp16_embeddings = fp16_embeddings
         self.encoder_s = self.decoder_s = 0.0
         self.encoder_calls = self.decoder_calls = self.cache_hits = 0
 
@@ -202,14 +203,22 @@ class TimedPredictor:
             cached = self.cache.get(key)
             if cached is not None:
                 self.cache_hits += 1
-                return cached
+                return self._stored(cached)
         t0 = time.perf_counter()
         embedding = self.predictor.encode(image)
         self.encoder_s += time.perf_counter() - t0
         self.encoder_calls += 1
         if key is not None:
             self.cache.put(key, embedding)
-        return embedding
+        return self._stored(embedding)
+
+    def _stored(self, embedding: Any) -> Any:
+        """The embedding as an fp16 cache would give it back (stored in fp16, decoded in fp32), if asked."""
+        if not self.fp16_embeddings:
+            return embedding
+        import torch
+
+        return embedding.converted(dtype=torch.float16).converted(dtype=torch.float32)
 
     def predict(self, embedding: Any, **prompts: Any) -> Any:
         t0 = time.perf_counter()
@@ -557,7 +566,7 @@ def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTarg
 
 def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *, manifest_path: str = "",
              limit: int | None = None, slice_stride: int = 1, overlays: int = 0, progress: bool = True,
-             cache: Any = None) -> dict[str, Any]:
+             cache: Any = None, fp16_embeddings: bool = False) -> dict[str, Any]:
     """Run one protocol over a manifest; write DIR/results.csv, DIR/summary.json (and overlays). Returns the summary.
 
     limit: only the first N cases; slice_stride: only 3D slices k with k % stride == 0.
@@ -576,7 +585,7 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    timed = TimedPredictor(predictor, cache)
+    timed = TimedPredictor(predictor, cache, fp16_embeddings)
     worst = WorstTargets(overlays)
     total = sum(count_targets(c, slice_stride, protocol) for c in cases)
     rows: list[Row] = []
@@ -600,7 +609,7 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
 
     info = {
         "model": getattr(predictor, "model_id", "?"), "protocol": protocol, "manifest": manifest_path,
-        "n_cases": len(cases), "slice_stride": slice_stride, "limit": limit,
+        "n_cases": len(cases), "slice_stride": slice_stride, "limit": limit, "fp16_embeddings": fp16_embeddings,
         "nsd_tolerance": {"2d_px": NSD_TOLERANCE_PX_2D, "3d_mm": NSD_TOLERANCE_MM_3D},
         "min_slice_voxels": MIN_SLICE_VOXELS,
         "device": str(getattr(predictor, "device", "?")), "threads": torch.get_num_threads(),
