@@ -2,7 +2,7 @@
 install:
 	bash scripts/bootstrap.sh
 demo: install
-	.venv/bin/samunet segment Resources/Samples/CTChest4.nrrd --prompts Resources/Samples/ctchest_prompts.json --output out/CTChest4.seg.nrrd --overlay out/CTChest4_overlay.png
+	.venv/bin/samunet segment Resources/Samples/CTChest4.nrrd --prompts Resources/Samples/ctchest_prompts.json --preset lung --output out/CTChest4.seg.nrrd --overlay out/CTChest4_overlay.png
 test: install
 	.venv/bin/ruff check .
 	.venv/bin/python scripts/check_slicer_module.py
