@@ -43,6 +43,13 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     raise InputError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
 
 
+def _pad_to_grid(image: np.ndarray) -> np.ndarray:
+    """hxwx3 float32 (h, w <= 256) -> 256x256x3 float32, zero-padded right and bottom."""
+    padded = np.zeros((MODEL_GRID, MODEL_GRID, 3), np.float32)
+    padded[: image.shape[0], : image.shape[1]] = image
+    return padded
+
+
 @dataclass(frozen=True)
 class GridMapping:
     """How one slice maps onto the model grid."""
@@ -75,9 +82,7 @@ class LiteMedSAMInput:
         resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA).astype(np.float64)
         lo, hi = resized.min(), resized.max()
         normalised = ((resized - lo) / np.clip(hi - lo, 1e-8, None)).astype(np.float32)
-        padded = np.zeros((MODEL_GRID, MODEL_GRID, 3), np.float32)
-        padded[:new_h, :new_w] = normalised
-        return padded, GridMapping((h, w), (new_h, new_w))
+        return _pad_to_grid(normalised), GridMapping((h, w), (new_h, new_w))
 
     @staticmethod
     def boxes_to_grid(boxes: np.ndarray, mapping: GridMapping) -> np.ndarray:
@@ -103,9 +108,7 @@ class SAMUNetInput:
         new_h, new_w = model_resized_shape(h, w, MODEL_GRID)
         resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR), np.float32)
         normalised = (resized - np.float32(SAM_PIXEL_MEAN)) / np.float32(SAM_PIXEL_STD)
-        padded = np.zeros((MODEL_GRID, MODEL_GRID, 3), np.float32)
-        padded[:new_h, :new_w] = normalised
-        return padded, GridMapping((h, w), (new_h, new_w))
+        return _pad_to_grid(normalised), GridMapping((h, w), (new_h, new_w))
 
     @staticmethod
     def boxes_to_grid(boxes: np.ndarray, mapping: GridMapping) -> np.ndarray:

@@ -44,6 +44,17 @@ class LiteMedSAM(nn.Module):
         """Bx3x256x256 float (min-max normalised to [0,1], zero-padded) -> Bx256x64x64 image embedding."""
         return self.image_encoder(x)
 
+    def _embed_prompts(self, image_embedding: torch.Tensor, point_coords: torch.Tensor | None,
+                       point_labels: torch.Tensor | None, boxes: torch.Tensor | None, mask_input: torch.Tensor | None
+                       ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Check the prompts against the embedding -> (B, sparse BxTx256, dense Bx256x64x64)."""
+        n = prompt_count(point_coords, point_labels, boxes, mask_input)
+        check_prompts(image_embedding, n, EMBEDDING_SIZE, 256, point_coords, point_labels, boxes, mask_input,
+                      LOGITS_SIZE)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return n, sparse, dense
+
     def decode(
         self,
         image_embedding: torch.Tensor,
@@ -60,11 +71,7 @@ class LiteMedSAM(nn.Module):
         boxes: Bx4 (x0, y0, x1, y1) in the 256 input frame. mask_input: Bx1x256x256 logits of a previous decode.
         B is the number of prompts; every given prompt tensor must have it.
         """
-        n = prompt_count(point_coords, point_labels, boxes, mask_input)
-        check_prompts(image_embedding, n, EMBEDDING_SIZE, 256, point_coords, point_labels, boxes, mask_input,
-                      LOGITS_SIZE)
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        n, sparse, dense = self._embed_prompts(image_embedding, point_coords, point_labels, boxes, mask_input)
         image_pe = self.prompt_encoder.get_dense_pe()
         if image_embedding.shape[0] == 1:
             # SAM's decoder repeats a single image embedding once per prompt.
@@ -107,11 +114,7 @@ class LiteMedSAM(nn.Module):
         multimask: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`decode` for B prompts on ONE image (1x256x64x64) with its ImageSideCache: same outputs, less work."""
-        n = prompt_count(point_coords, point_labels, boxes, mask_input)
-        check_prompts(image_embedding, n, EMBEDDING_SIZE, 256, point_coords, point_labels, boxes, mask_input,
-                      LOGITS_SIZE)
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        _, sparse, dense = self._embed_prompts(image_embedding, point_coords, point_labels, boxes, mask_input)
         return fast_decoder.decode(self.mask_decoder, cache, sparse, dense if mask_input is not None else None,
                                    image_embedding, multimask)
 
