@@ -99,6 +99,36 @@ def _block(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pe
     return queries, keys
 
 
+def _subpixel_weight(conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """ConvTranspose2d(C, O, 2, stride 2) weight CxOx2x2 -> Cx(2*2*O), columns ordered (a, b, o)."""
+    c, o = conv.weight.shape[:2]
+    return conv.weight.permute(0, 2, 3, 1).reshape(c, 4 * o)
+
+
+def upscale_and_project(upscaling: nn.Sequential, keys: torch.Tensor, hyper_in: torch.Tensor,
+                        hw: tuple[int, int]) -> torch.Tensor:
+    """SAM's output_upscaling followed by the hypernetwork dot product, as per-token matrix products.
+
+    keys: BxNxC image tokens (N = h*w, row-major); hyper_in: BxMx(C/8). Returns BxMx4hx4w mask logits.
+    Both transposed convolutions have kernel 2 and stride 2, so every token maps to its own 4x4 output block
+    independently: two GEMMs and per-pixel LayerNorm/GELU, and only the final M-channel logits are rearranged
+    (SAM's path rearranges a 32-channel 256x256 feature map instead).
+    """
+    up1, norm, act1, up2, act2 = upscaling
+    b, n, _ = keys.shape
+    h, w = hw
+    c1, c2 = up1.out_channels, up2.out_channels
+    x = (keys @ _subpixel_weight(up1)).reshape(b, n, 4, c1) + up1.bias
+    x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+    x = (x @ _subpixel_weight(up2)).reshape(b, n, 4, 4, c2) + up2.bias
+    x = act2(x)
+    m = hyper_in.shape[1]
+    logits = x.reshape(b, n * 16, c2) @ hyper_in.transpose(1, 2)  # B x (N*16) x M
+    # token (i, j), first sub-pixel (a, b), second (a2, b2) -> pixel (4i + 2a + a2, 4j + 2b + b2)
+    logits = logits.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return logits.reshape(b, m, 4 * h, 4 * w)
+
+
 def decode(decoder: nn.Module, cache: ImageSideCache, sparse: torch.Tensor, dense: torch.Tensor | None,
            image_embedding: torch.Tensor, multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM MaskDecoder.forward for B prompts on one image.
@@ -126,14 +156,10 @@ def decode(decoder: nn.Module, cache: ImageSideCache, sparse: torch.Tensor, dens
                        _project(final.v_proj, keys, final.num_heads))
     hs = transformer.norm_final_attn(queries + attn_out)
 
-    h, w = cache.hw
-    src = keys.transpose(1, 2).reshape(b, -1, h, w)
-    upscaled = decoder.output_upscaling(src)
     mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
     wanted = range(1, decoder.num_mask_tokens) if multimask else range(0, 1)
     hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1)
-    bu, cu, hu, wu = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, -1, hu, wu)
+    masks = upscale_and_project(decoder.output_upscaling, keys, hyper_in, cache.hw)
     iou = decoder.iou_prediction_head(hs[:, 0, :])
     iou = iou[:, 1:] if multimask else iou[:, 0:1]
     return masks, iou
