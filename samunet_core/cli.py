@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"samunet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        # add_help=False: `samunet CMD --help` must reach the subcommand's own parser, which knows its options.
+        sp = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         sp.set_defaults(_module=module_name)
         sp.set_defaults(_needs_arguments=True)
     return parser

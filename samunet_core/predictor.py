@@ -87,9 +87,11 @@ class _LiteMedSAMFamily(_Family):
 
     def decode(self, embedding, tensors, coords, labels, boxes, mask_input):
         image = tensors["image_embedding"]
-        cache = embedding.scratch.get("decoder_cache")
+        # The cache holds projections by THIS decoder's weights; models sharing the encoder share the embedding.
+        slot = ("decoder_cache", id(self.model))
+        cache = embedding.scratch.get(slot)
         if cache is None or cache.keys.device != image.device:
-            cache = embedding.scratch["decoder_cache"] = self.model.image_side_cache(image)
+            cache = embedding.scratch[slot] = self.model.image_side_cache(image)
         logits, iou = self.model.decode_cached(image, cache, coords, labels, boxes, mask_input)
         return logits, iou[:, 0]
 

@@ -140,6 +140,26 @@ for _backbone, _bytes_note in (("resnet34", "res34"), ("resnet50", "res50")):
     ))
 
 
+def _clicks_weights() -> Any:
+    from samunet_core.train.weights_source import LiteMedSAMDeltaWeights
+
+    return LiteMedSAMDeltaWeights("litemedsam_clicks_v1.pt",
+                                  "bff38d2eeef7261161a0753fc2d8bc50dc9dda04e6037e059634e77ca9f8b43a")
+
+
+register(ModelSpec(
+    name="litemedsam_clicks",
+    family="litemedsam",
+    description="LiteMedSAM with prompt encoder + mask decoder fine-tuned for clicks and corrections (v1, short run)",
+    input_size=256,
+    caches="image embedding 256x64x64",
+    cache_bytes_fp32=256 * 64 * 64 * 4,
+    build=_build_litemedsam,
+    weights=_clicks_weights(),
+    encoder_id="litemedsam",  # the frozen base encoder: shares every cached LiteMedSAM embedding
+))
+
+
 def model_names() -> list[str]:
     return list(_SPECS)
 

@@ -76,3 +76,19 @@ def test_bad_prompts_are_named(litemedsam, embeddings):
         litemedsam.predict(emb, boxes=np.array([[1, 1, 20, 20]]), mask_input=np.zeros((1, 1, 64, 64)))
     with pytest.raises(InputError, match="8-bit"):
         litemedsam.encode(np.zeros((20, 20), np.float32))
+
+
+def test_models_sharing_an_encoder_share_embeddings_but_not_decoder_state(litemedsam, embeddings):
+    """litemedsam_clicks reuses LiteMedSAM's embeddings; each decoder must still use its own weights."""
+    from samunet_core.predictor import load_predictor
+
+    clicks = load_predictor("litemedsam_clicks", device="cpu")
+    assert clicks.encoder_id == litemedsam.encoder_id == "litemedsam"
+    emb = embeddings["amos_0004_75"]
+    box = np.array([[289, 203, 315, 229]])
+    base_first = litemedsam.predict(emb, boxes=box).logits
+    tuned = clicks.predict(emb, boxes=box).logits
+    fresh = clicks.predict(clicks.encode(load_image("amos_0004_75")), boxes=box).logits
+    assert np.allclose(tuned, fresh, atol=1e-4)  # same answer as with its own embedding
+    assert not np.allclose(tuned, base_first, atol=1e-3)  # and not the base decoder's answer
+    assert np.array_equal(litemedsam.predict(emb, boxes=box).logits, base_first)

@@ -1,0 +1,289 @@
+"""The training loop: prompt encoder + mask decoder of LiteMedSAM on cached embeddings, image encoder frozen.
+
+One step = one cached image and up to `prompts_per_step` of its targets, all decoded in one batch against the one
+embedding. A step draws a first prompt (box or 1-3 points) and a number of correction rounds r; rounds before r run
+without gradient (the model's own prediction places the next click and its logits are fed back as mask input); the
+loss is taken on round r. Box steps at round 0 also distil towards the frozen base decoder (keeps box accuracy).
+
+Seeded and resumable: step s draws everything from `numpy.random.default_rng([seed, s])`, so a resumed run makes
+the same choices as an uninterrupted one. A checkpoint (trainable weights, optimizer, step, history) is written
+atomically every `checkpoint_every` steps, with its sha256 in a JSON next to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samunet_core.train.delta import TRAINED_PREFIXES, trained_state
+from samunet_core.train.embeddings import CachedItem
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    prompts_per_step: int = 6
+    lr: float = 1e-4
+    min_lr_fraction: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    box_fraction: float = 0.3  # share of steps whose first prompt is a box (else 1-3 points)
+    round_probs: tuple[float, ...] = (0.45, 0.25, 0.15, 0.15)  # P(loss on round r), r = 0..3 corrections
+    kd_weight: float = 5.0  # box steps at round 0: BCE towards the base decoder's probabilities
+    box_jitter: float = 0.1
+    checkpoint_every: int = 25
+    threads: int = 0  # torch threads (0: leave torch's default)
+    crop: bool = True  # decode only a window of the embedding around the step's targets (cheaper on a CPU)
+    crop_min_tokens: int = 32  # smallest window side in embedding tokens (x4 = grid pixels)
+    crop_margin_px: int = 24  # grid pixels of context around the targets' union box
+
+
+def prompt_schedule(config: TrainConfig) -> dict[str, Any]:
+    """The prompt simulation as recorded in checkpoint metadata."""
+    return {"first_prompt": {"box": config.box_fraction, "points_1_to_3": 1 - config.box_fraction},
+            "box_jitter": f"50% of boxes, each side up to {config.box_jitter} x extent, max 5 px",
+            "first_point": "50% most interior pixel of the largest component, else random at >= 1/3 max depth",
+            "correction_rounds_loss_probs": list(config.round_probs),
+            "correction_click": "metrics.next_click (centre of largest error region), 25% a random pixel of it",
+            "mask_input": "previous round's logits (no gradient)", "kd_box_round0_weight": config.kd_weight}
+
+
+EMBED_GRID = 64  # LiteMedSAM image embedding side; logits are 4x that
+BACKGROUND_LOGIT = -20.0  # logits outside a decoded window, when fed back as mask input
+
+
+def crop_window(masks: np.ndarray, min_tokens: int, margin_px: int) -> tuple[int, int, int]:
+    """(row0, col0, side) in embedding tokens: a square window covering the union box of Bx256x256 masks plus a
+    margin, at least `min_tokens` wide, inside the 64x64 grid. The full grid is (0, 0, 64)."""
+    union = masks.any(axis=0)
+    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    y0, y1, x0, x1 = rows[0] - margin_px, rows[-1] + margin_px, cols[0] - margin_px, cols[-1] + margin_px
+    side = int(np.clip(np.ceil(max(y1 - y0 + 1, x1 - x0 + 1) / 4), min_tokens, EMBED_GRID))
+    side = min(side + side % 2, EMBED_GRID)
+
+    def start(lo: int, hi: int) -> int:
+        centre = (lo + hi) / 8.0
+        return int(np.clip(round(centre - side / 2), 0, EMBED_GRID - side))
+
+    return start(y0, y1), start(x0, x1), side
+
+
+def decode_window(model: Any, image_embedding: Any, coords: Any, labels: Any, boxes: Any, mask_input: Any,
+                  window: tuple[int, int, int]) -> tuple[Any, Any]:
+    """LiteMedSAM decode of B prompts restricted to a window of the 1x256x64x64 embedding.
+
+    Prompts and mask input stay in the full 256 frame (the prompt encoder sees the whole image); the transformer
+    attends only to the window's image tokens, with their own positional encodings. Returns (logits Bx1x4sx4s of the
+    window, IoU Bx1). The window (0, 0, 64) is exactly the model's own decode.
+    """
+    r0, c0, side = window
+    points = (coords, labels) if coords is not None else None
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+    pe = model.prompt_encoder.get_dense_pe()
+    crop = (Ellipsis, slice(r0, r0 + side), slice(c0, c0 + side))
+    logits, iou = model.mask_decoder(image_embeddings=image_embedding[crop], image_pe=pe[crop],
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[crop],
+                                     multimask_output=False)
+    return logits, iou
+
+
+def paste_window(logits: Any, window: tuple[int, int, int]) -> Any:
+    """Bx1x4sx4s window logits -> Bx1x256x256 full-grid logits (BACKGROUND_LOGIT outside the window)."""
+    import torch
+
+    r0, c0, side = (4 * v for v in window)
+    if side == 4 * EMBED_GRID:
+        return logits
+    full = torch.full((logits.shape[0], 1, 4 * EMBED_GRID, 4 * EMBED_GRID), BACKGROUND_LOGIT, dtype=logits.dtype,
+                      device=logits.device)
+    full[:, :, r0:r0 + side, c0:c0 + side] = logits
+    return full
+
+
+def _lr(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr * (config.min_lr_fraction + (1 - config.min_lr_fraction) * cosine)
+
+
+def trainable_parameters(model: Any) -> list[Any]:
+    """Freeze everything but the prompt encoder and mask decoder; return the trainable parameters."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINED_PREFIXES))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class Trainer:
+    """Holds model, frozen teacher, optimizer and data; `run()` trains to `config.steps` (resuming if possible)."""
+
+    def __init__(self, model: Any, items: list[CachedItem], cache: Any, config: TrainConfig,
+                 run_dir: str | Path | None = None, device: str = "cpu", metadata: dict[str, Any] | None = None
+                 ) -> None:
+        import torch
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.items = [it for it in items if len(it.names)]
+        if not self.items:
+            from samunet_core.errors import InputError
+
+            raise InputError("no cached training images with targets; run the embedding precompute first")
+        self.model, self.cache, self.config, self.device = model.to(device), cache, config, device
+        self.teacher = copy.deepcopy(model).eval() if config.kd_weight > 0 else None
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.metadata = metadata or {}
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> str | None:
+        from samunet_core.checkpoints import sha256_of_file
+
+        path = self.checkpoint_path
+        if path is None:
+            return None
+        _atomic_torch_save({"step": self.step, "trainable": trained_state(self.model),
+                            "optimizer": self.optimizer.state_dict(), "history": self.history,
+                            "train_seconds": self.train_seconds, "config": asdict(self.config)}, path)
+        digest = sha256_of_file(path)
+        info = {"checkpoint": path.name, "sha256": digest, "step": self.step, "config": asdict(self.config),
+                "prompt_schedule": prompt_schedule(self.config), "train_seconds": round(self.train_seconds, 1),
+                **self.metadata}
+        (path.parent / "checkpoint.json").write_text(json.dumps(info, indent=1) + "\n")
+        return digest
+
+    def resume(self) -> bool:
+        """Load the run's checkpoint if there is one; True when resumed."""
+        import torch
+
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = self.model.state_dict()
+        state.update(blob["trainable"])
+        self.model.load_state_dict(state, strict=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.step, self.history = int(blob["step"]), list(blob["history"])
+        self.train_seconds = float(blob.get("train_seconds", 0.0))
+        return True
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def _decode(self, model: Any, embedding: Any, prompts: Any, mask_input: Any, window: tuple[int, int, int]
+                ) -> tuple[Any, Any]:
+        coords, labels, boxes = prompts.tensors(self.device)
+        return decode_window(model, embedding, coords, labels, boxes, mask_input, window)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimisation step (deterministic given the seed and `step`). Returns loss parts."""
+        import torch
+
+        from samunet_core.train import prompt_sim
+        from samunet_core.train.losses import segmentation_loss
+
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, step])
+        item = self.items[int(rng.integers(len(self.items)))]
+        n_targets = len(item.names)
+        batch = min(cfg.prompts_per_step, max(2, n_targets))
+        chosen = rng.choice(n_targets, size=batch, replace=n_targets < batch)
+        masks = item.masks[chosen]
+        embedding = self.cache.get(item.key)
+        if embedding is None:
+            raise RuntimeError(f"embedding of {item.source} missing from the cache; rerun the precompute")
+        image_embedding = embedding.tensors["image_embedding"].to(self.device)
+        mode = "box" if rng.random() < cfg.box_fraction else "points"
+        prompts = prompt_sim.first_prompts(masks, mode, rng, jitter=cfg.box_jitter)
+        window = crop_window(masks, cfg.crop_min_tokens, cfg.crop_margin_px) if cfg.crop else (0, 0, EMBED_GRID)
+        probs = np.asarray(cfg.round_probs, np.float64)
+        rounds = int(rng.choice(len(probs), p=probs / probs.sum()))
+        mask_input = None
+        with torch.no_grad():
+            for _ in range(rounds):
+                logits, _ = self._decode(self.model, image_embedding, prompts, mask_input, window)
+                full = paste_window(logits, window)
+                prompt_sim.add_corrections(prompts, (full[:, 0] > 0).cpu().numpy(), masks, item.input_size, rng)
+                mask_input = full
+            teacher_logits = None
+            if self.teacher is not None and mode == "box" and rounds == 0:
+                teacher_logits, _ = self._decode(self.teacher, image_embedding, prompts, None, window)
+        self.model.train()
+        logits, iou_pred = self._decode(self.model, image_embedding, prompts, mask_input, window)
+        r0, c0, side = (4 * v for v in window)
+        target = torch.as_tensor(masks[:, r0:r0 + side, c0:c0 + side], device=self.device)
+        parts = segmentation_loss(logits, iou_pred, target, teacher_logits, cfg.kd_weight)
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr(cfg, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        return {"step": step, "loss": float(parts.total.detach()), "focal": parts.focal, "dice": parts.dice,
+                "iou_mse": parts.iou_mse, "kd": parts.kd, "iou": parts.iou, "rounds": rounds,
+                "box": float(mode == "box"), "batch": batch}
+
+    def run(self, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:
+        """Train from the current step to `config.steps`, checkpointing; returns the history."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        ema = None
+        started = time.perf_counter()
+        with tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                record = self.train_step(self.step)
+                self.train_seconds += time.perf_counter() - t0
+                self.history.append(record)
+                self.step += 1
+                ema = record["loss"] if ema is None else 0.9 * ema + 0.1 * record["loss"]
+                bar.set_postfix(loss=f"{ema:.3f}", iou=f"{record['iou']:.2f}")
+                bar.update(1)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
+                    break
+        if cfg.checkpoint_every:
+            self.save_checkpoint()
+        return self.history
