@@ -2,6 +2,7 @@
 install:
 	bash scripts/bootstrap.sh
 demo: install
+	mkdir -p out
 	.venv/bin/samunet segment Resources/Samples/CTChest4.nrrd --prompts Resources/Samples/ctchest_prompts.json --preset lung --output out/CTChest4.seg.nrrd --overlay out/CTChest4_overlay.png
 test: install
 	.venv/bin/ruff check .

@@ -28,7 +28,8 @@ def bench_table(files: list[str]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         doc = json.loads(Path(f).read_text())
-        for r in doc.get("runs", [doc]):
+        runs = doc.get("runs") or {"": doc}
+        for r in (runs.values() if isinstance(runs, dict) else runs):
             mem = r.get("memory_check") or {}
             rss = f"{mem['peak_rss_mb']:.0f} MB" if mem.get("peak_rss_mb") else "n/a"
             lines.append(
