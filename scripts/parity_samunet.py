@@ -215,25 +215,11 @@ def sam_init_parity(seed: int) -> bool:
     """Our SAM ViT-B 1024 -> SAM-UNet conversion vs the authors' `load_from` on the same synthetic checkpoint."""
     from sam_unet.models.segment_anything.build_sam import load_from, sam_model_registry
 
-    from samunet_core.modeling.sam_parts import sam_modeling
+    from samunet_core.modeling.sam_parts import build_original_sam_vit_b
     from samunet_core.modeling.samunet import samunet_state_dict_from_sam_vit_b
 
-    sam = sam_modeling()
     torch.manual_seed(seed)
-    from functools import partial
-
-    original = sam.Sam(
-        image_encoder=sam.ImageEncoderViT(
-            depth=12, embed_dim=768, img_size=1024, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_heads=12, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[2, 5, 8, 11],
-            window_size=14, out_chans=256,
-        ),
-        prompt_encoder=sam.PromptEncoder(256, (64, 64), (1024, 1024), 16),
-        mask_decoder=sam.MaskDecoder(
-            transformer=sam.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-        ),
-    )
+    original = build_original_sam_vit_b()
     randomise_(original, seed)
     sam_sd = original.state_dict()
     theirs = load_from(sam_model_registry["vit_b_256"](None), sam_sd, 256, 16)

@@ -90,13 +90,19 @@ def test_point3_clicks(tmp_path):
     assert rows[0]["prompt"].split(";")[0] == "point+ 302 216"
 
 
-def test_3d_box_matches_reference(tmp_path):
+def write_dcmqi_manifest(folder: Path) -> Path:
+    """A one-case 3D manifest over the in-repo dcmqi 3-slice CT (3 labels, soft-tissue window)."""
     manifest = {"name": "t", "cases": [{
         "id": "dcmqi/ct3slice", "kind": "3d", "modality": "CT", "image": str(DCMQI / "ct-3slice"),
         "labelmap": str(DCMQI / "liver_spine_heart_seg.nrrd"), "labels": {"1": "liver", "2": "spine", "3": "heart"},
         "window": [-160, 240]}]}
-    path = tmp_path / "manifest.json"
+    path = folder / "manifest.json"
     path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_3d_box_matches_reference(tmp_path):
+    path = write_dcmqi_manifest(tmp_path)
     # Stride 2 keeps slices 0 and 2 (two encodes, each shared by the three labels).
     rows, summary = run_eval(path, tmp_path / "out", "--protocol", "box", "--slice-stride", "2")
     check_schema(rows, summary, "box", 6)
@@ -166,12 +172,7 @@ def test_label_missing_from_labelmap(tmp_path, capsys):
 
 
 def test_propagate_3d(tmp_path):
-    manifest = {"name": "t", "cases": [{
-        "id": "dcmqi/ct3slice", "kind": "3d", "modality": "CT", "image": str(DCMQI / "ct-3slice"),
-        "labelmap": str(DCMQI / "liver_spine_heart_seg.nrrd"), "labels": {"1": "liver", "2": "spine", "3": "heart"},
-        "window": [-160, 240]}]}
-    path = tmp_path / "manifest.json"
-    path.write_text(json.dumps(manifest))
+    path = write_dcmqi_manifest(tmp_path)
     rows, summary = run_eval(path, tmp_path / "out", "--protocol", "propagate")
     check_schema(rows, summary, "propagate", 3)  # one row per label, 3D Dice
     # Start slice = the label's largest slice (shared/data/reference/litemedsam_propagate.csv: 0, 1, 0).

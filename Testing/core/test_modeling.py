@@ -10,18 +10,16 @@ import hashlib
 import importlib.metadata
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from samunet_core.errors import CheckpointError, InputError
 from samunet_core.modeling.litemedsam import build_litemedsam
 from samunet_core.modeling.resnet import ResNetFeatures, resnet_state_dict_from_torchvision
-from samunet_core.modeling.sam_parts import sam_modeling
+from samunet_core.modeling.sam_parts import build_original_sam_vit_b
 from samunet_core.modeling.samunet import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -213,20 +211,8 @@ def test_samunet_res50_encode_shapes(res50):
 
 def _synthetic_sam_vit_b_1024() -> dict[str, torch.Tensor]:
     """A randomly initialised original-SAM ViT-B (1024 px) state dict, built from segment_anything's classes."""
-    sam = sam_modeling()
     torch.manual_seed(1)
-    model = sam.Sam(
-        image_encoder=sam.ImageEncoderViT(
-            depth=12, embed_dim=768, img_size=1024, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_heads=12, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[2, 5, 8, 11],
-            window_size=14, out_chans=256,
-        ),
-        prompt_encoder=sam.PromptEncoder(256, (64, 64), (1024, 1024), 16),
-        mask_decoder=sam.MaskDecoder(
-            transformer=sam.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-        ),
-    )
+    model = build_original_sam_vit_b()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "rel_pos" in name:  # zero-initialised by SAM; make the interpolation visible

@@ -14,6 +14,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from samunet_core.errors import SamunetError
 
@@ -50,3 +51,27 @@ def sam_modeling() -> ModuleType:
         sys.modules.pop(_PRIVATE_NAME, None)
         raise
     return module
+
+
+def build_original_sam_vit_b() -> Any:
+    """An original SAM ViT-B at 1024 px (random init), the architecture of SAM's released ViT-B checkpoint.
+
+    Used to make SAM-ViT-B-shaped state dicts for testing `samunet_state_dict_from_sam_vit_b` and the parity script.
+    """
+    from functools import partial
+
+    from torch import nn
+
+    sam = sam_modeling()
+    return sam.Sam(
+        image_encoder=sam.ImageEncoderViT(
+            depth=12, embed_dim=768, img_size=1024, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=12, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[2, 5, 8, 11],
+            window_size=14, out_chans=256,
+        ),
+        prompt_encoder=sam.PromptEncoder(256, (64, 64), (1024, 1024), 16),
+        mask_decoder=sam.MaskDecoder(
+            transformer=sam.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+        ),
+    )
