@@ -1,7 +1,8 @@
 """Carry a mask from prompted slices through a volume, slice by slice, and stop where the structure ends.
 
-Each step prompts slice k±1 from the mask just found on slice k: the box of that mask grown by a margin (in
-model-grid pixels, as the official LiteMedSAM 3D chaining does with 3 px). The official chaining has no stopping rule
+Each step prompts slice k±1 from the mask just found on slice k: the box of that mask grown by a margin, made exactly
+as the official LiteMedSAM 3D chaining makes it (the mask resized to the 256 model grid, its box + 3 grid px; see
+`chained_box`). The official chaining has no stopping rule
 beyond an empty mask, so a walk nearly always runs to the end of the volume and run-on false positives dominate its
 3D Dice. Here a walk also stops when the new mask
 
@@ -93,6 +94,30 @@ def grow_box(box: np.ndarray, margin_grid: float, shape: tuple[int, int]) -> np.
                      min(y1 + margin, h - 1.0)])
 
 
+def chained_box(mask: np.ndarray, margin_grid: float) -> np.ndarray:
+    """HxW bool (non-empty) -> the next slice's box (x0, y0, x1, y1) in slice pixels, as the official LiteMedSAM 3D
+    chaining makes it: the mask resized longest side to the 256 model grid (INTER_AREA on 0/1), its bounding box
+    grown by `margin_grid` grid pixels and clipped to [0, 256], mapped back to slice pixels so that the model's
+    truncating box scaling gives exactly that grid box. A mask too thin to survive the resize keeps every grid pixel
+    it touches.
+
+    Measured against boxing the full-resolution mask (143 shared labels, walks bounded to each label's slice range):
+    3D Dice 0.4438 vs 0.4202: the resize drops one-pixel fringes that otherwise widen the box slice after slice.
+    """
+    import cv2
+
+    from samunet_core.transforms import model_resized_shape, model_scale
+
+    h, w = mask.shape
+    scale = model_scale(h, w, MODEL_GRID)
+    rh, rw = model_resized_shape(h, w, MODEL_GRID)
+    small = cv2.resize(mask.astype(np.uint8), (rw, rh), interpolation=cv2.INTER_AREA).astype(bool)
+    if not small.any():
+        small = cv2.resize(mask.astype(np.uint8) * 255, (rw, rh), interpolation=cv2.INTER_AREA) > 0
+    grid = np.clip(mask_box(small) + np.array([-margin_grid, -margin_grid, margin_grid, margin_grid]), 0, MODEL_GRID)
+    return (grid + 1e-6) / scale
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
@@ -134,7 +159,7 @@ def walk(decoder: SliceDecoder, start: SliceMask, start_k: int, step: int, stop_
     while (k <= stop_k) if step > 0 else (k >= stop_k):
         new = None
         if prev.mask.sum() >= params.min_pixels:
-            box = grow_box(mask_box(prev.mask), params.box_margin, prev.mask.shape)
+            box = chained_box(prev.mask, params.box_margin)
             mask_input = prev.logits if params.use_logits and prev.logits is not None else None
             new = predict_box(decoder, k, box, mask_input)
             ok = _accept(new, prev, params) if apply_rule else new.mask.sum() >= params.min_pixels

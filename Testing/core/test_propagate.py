@@ -15,6 +15,7 @@ from samunet_core import metrics
 from samunet_core.propagate import (
     DEFAULT_PARAMS,
     SliceMask,
+    chained_box,
     grow_box,
     mask_box,
     predict_box,
@@ -65,6 +66,26 @@ def test_box_helpers() -> None:
     grown = grow_box(np.array([0.0, 10.0, 199.0, 19.0]), 3.0, mask.shape)
     assert grown[0] == 0 and grown[2] == 199
     assert grown[1] == pytest.approx(10 - 3 * 200 / 256) and grown[3] == pytest.approx(19 + 3 * 200 / 256)
+
+
+def test_chained_box_is_the_official_grid_box() -> None:
+    """The official chaining on a 512x512 slice: rows 100-199, cols 50-149 are grid rows 50-99, cols 25-74; grown by
+    3 grid pixels that is (22, 47, 77, 102), which the model's truncating box scaling must receive exactly."""
+    from samunet_core.model_input import GridMapping, LiteMedSAMInput
+
+    mask = np.zeros((512, 512), bool)
+    mask[100:200, 50:150] = True
+    box = chained_box(mask, 3.0)
+    mapping = GridMapping((512, 512), (256, 256))
+    assert LiteMedSAMInput.boxes_to_grid(box[None], mapping)[0].tolist() == [22, 47, 77, 102]
+    # clipped to the grid at the border; a one-pixel line that vanishes at 256 still gives a box
+    mask[:] = False
+    mask[0:4, 0:3] = True
+    assert LiteMedSAMInput.boxes_to_grid(chained_box(mask, 3.0)[None], mapping)[0].tolist() == [0, 0, 4, 4]
+    line = np.zeros((512, 512), bool)
+    line[300, 10:400] = True
+    grid = LiteMedSAMInput.boxes_to_grid(chained_box(line, 0.0)[None], mapping)[0]
+    assert grid[1] == grid[3] == 150
 
 
 @pytest.mark.parametrize("organ", sorted(ORGAN_MIN_DICE))

@@ -39,9 +39,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     box_fraction: float = 0.3  # share of steps whose first prompt is a box (else 1-3 points)
-    round_probs: tuple[float, ...] = (0.45, 0.25, 0.15, 0.15)  # P(loss on round r), r = 0..3 corrections
+    round_probs: tuple[float, ...] = (0.35, 0.2, 0.15, 0.15, 0.15)  # P(loss on round r), r = 0..4 corrections
     kd_weight: float = 5.0  # box steps at round 0: BCE towards the base decoder's probabilities
     box_jitter: float = 0.1
+    loss_every_round: bool = True  # loss on every round (earlier rounds' logits fed back detached), else the last only
     checkpoint_every: int = 25
     threads: int = 0  # torch threads (0: leave torch's default)
     crop: bool = True  # decode only a window of the embedding around the step's targets (cheaper on a CPU)
@@ -54,7 +55,8 @@ def prompt_schedule(config: TrainConfig) -> dict[str, Any]:
     return {"first_prompt": {"box": config.box_fraction, "points_1_to_3": 1 - config.box_fraction},
             "box_jitter": f"50% of boxes, each side up to {config.box_jitter} x extent, max 5 px",
             "first_point": "50% most interior pixel of the largest component, else random at >= 1/3 max depth",
-            "correction_rounds_loss_probs": list(config.round_probs),
+            "correction_rounds_probs": list(config.round_probs),
+            "loss": "every round (mean)" if config.loss_every_round else "last round only",
             "correction_click": "metrics.next_click (centre of largest error region), 25% a random pixel of it",
             "mask_input": "previous round's logits (no gradient)", "kd_box_round0_weight": config.kd_weight}
 
@@ -236,30 +238,38 @@ class Trainer:
         window = crop_window(masks, cfg.crop_min_tokens, cfg.crop_margin_px) if cfg.crop else (0, 0, EMBED_GRID)
         probs = np.asarray(cfg.round_probs, np.float64)
         rounds = int(rng.choice(len(probs), p=probs / probs.sum()))
-        mask_input = None
-        with torch.no_grad():
-            for _ in range(rounds):
-                logits, _ = self._decode(self.model, image_embedding, prompts, mask_input, window)
-                full = paste_window(logits, window)
-                prompt_sim.add_corrections(prompts, (full[:, 0] > 0).cpu().numpy(), masks, item.input_size, rng)
-                mask_input = full
-            teacher_logits = None
-            if self.teacher is not None and mode == "box" and rounds == 0:
-                teacher_logits, _ = self._decode(self.teacher, image_embedding, prompts, None, window)
-        self.model.train()
-        logits, iou_pred = self._decode(self.model, image_embedding, prompts, mask_input, window)
         r0, c0, side = (4 * v for v in window)
         target = torch.as_tensor(masks[:, r0:r0 + side, c0:c0 + side], device=self.device)
-        parts = segmentation_loss(logits, iou_pred, target, teacher_logits, cfg.kd_weight)
+        teacher_logits = None
+        if self.teacher is not None and mode == "box":
+            with torch.no_grad():
+                teacher_logits, _ = self._decode(self.teacher, image_embedding, prompts, None, window)
+        self.model.train()
+        mask_input = None
+        losses = []
+        for r in range(rounds + 1):
+            if not cfg.loss_every_round and r < rounds:
+                with torch.no_grad():
+                    logits, _ = self._decode(self.model, image_embedding, prompts, mask_input, window)
+            else:
+                logits, iou_pred = self._decode(self.model, image_embedding, prompts, mask_input, window)
+                losses.append(segmentation_loss(logits, iou_pred, target, teacher_logits if r == 0 else None,
+                                                cfg.kd_weight))
+            if r < rounds:
+                full = paste_window(logits.detach(), window)
+                prompt_sim.add_corrections(prompts, (full[:, 0] > 0).cpu().numpy(), masks, item.input_size, rng)
+                mask_input = full
+        parts = losses[-1]
+        total = sum(part.total for part in losses) / len(losses)
         for group in self.optimizer.param_groups:
             group["lr"] = _lr(cfg, step)
         self.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        total.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.model.eval()
-        return {"step": step, "loss": float(parts.total.detach()), "focal": parts.focal, "dice": parts.dice,
+        return {"step": step, "loss": float(total.detach()), "focal": parts.focal, "dice": parts.dice,
                 "iou_mse": parts.iou_mse, "kd": parts.kd, "iou": parts.iou, "rounds": rounds,
                 "box": float(mode == "box"), "batch": batch}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 SEED = 0
 VAL_COUNTS = {"hc18": 6, "kvasir": 6, "dsb2018": 1, "chasedb1": 1, "hvsmr": 1}
-TRAIN_COUNTS: dict[str, int | None] = {"hc18": 40, "kvasir": 40, "dsb2018": None, "chasedb1": 4, "hvsmr": None}
+TRAIN_COUNTS: dict[str, int | None] = {"hc18": 80, "kvasir": 120, "dsb2018": None, "chasedb1": 4, "hvsmr": None}
 SHARED_TRAIN = ("totalseg/example_ct", "totalseg/example_ct_dicom")
 SHARED_VAL = ("sam_med2d/amos_0004_75", "sam_med2d/amos_0006_90", "sam_med2d/s0114_111", "sam_med2d/s0619_32",
               "slicerio/ctchest", "dcmqi/ct3slice")
