@@ -50,7 +50,8 @@ class SAMUNetSlicerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     segmentID: str = ""
-    model: Annotated[str, Choice(["litemedsam", "samunet"])] = "litemedsam"
+    model: Annotated[str, Choice(["litemedsam_clicks", "litemedsam", "samunet_res34", "samunet_res50"])] = (
+        "litemedsam_clicks")
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     correction: Annotated[str, Choice(["replace", "add", "remove"])] = "replace"
     positivePoints: vtkMRMLMarkupsFiducialNode

@@ -206,7 +206,7 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def run_bench(model: str = "litemedsam", device: str = "auto", threads: int | None = None,
+def run_bench(model: str, device: str = "auto", threads: int | None = None,
               volume_path: Path | None = None, encoder_runs: int = 20, decoder_runs: int = 100,
               volume_slices: int = 8, memory_slices: int | None = None,
               progress: Callable[[str], None] = print) -> dict[str, Any]:

@@ -7,8 +7,10 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from samunet_core.registry import DEFAULT_MODEL
+
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--model", default="litemedsam", help="registry model name (default: litemedsam)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto",
                         help="auto (CPU, plus CUDA when present), cpu or cuda (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

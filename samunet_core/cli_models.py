@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_rows() -> list[dict[str, object]]:
-    from samunet_core.registry import get_spec, model_names
+    from samunet_core.registry import DEFAULT_MODEL, get_spec, model_names
 
     rows = []
     for name in model_names():
@@ -19,7 +19,7 @@ def model_rows() -> list[dict[str, object]]:
         located = spec.weights.locate()
         rows.append({
             "name": name,
-            "default": name == "litemedsam",
+            "default": name == DEFAULT_MODEL,
             "input": f"{spec.input_size}x{spec.input_size}",
             "caches_per_slice": spec.caches,
             "cache_kib_fp32": spec.cache_bytes_fp32 // 1024,

@@ -11,9 +11,11 @@ from samunet_core.errors import InputError
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `segment` and `batch`: model, device, window, cache."""
+    from samunet_core.registry import DEFAULT_MODEL
     from samunet_core.transforms import CT_PRESETS
 
-    parser.add_argument("--model", default="litemedsam", help="registered model name (see `samunet models`)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"registered model name (see `samunet models`; default: {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", default=None, help="weights file for the model (default: the registry's)")
     parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu or cuda")
     group = parser.add_mutually_exclusive_group()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "litemedsam_clicks_v1.pt"
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "litemedsam_clicks_v2.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--box-fraction", type=float, default=d.box_fraction)
     parser.add_argument("--kd-weight", type=float, default=d.kd_weight)
+    parser.add_argument("--loss-last-round-only", action="store_true",
+                        help="take the loss on the last correction round only (v1); default: mean over every round")
     parser.add_argument("--no-crop", action="store_true", help="decode the full 64x64 embedding in training "
                                                                 "(slower; exact on a GPU)")
     parser.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     items = list_items(args.cache_dir)
     config = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=args.lr, seed=args.seed,
                          box_fraction=args.box_fraction, kd_weight=args.kd_weight, crop=not args.no_crop,
+                         loss_every_round=not args.loss_last_round_only,
                          threads=args.threads)
     metadata = {"data": data_summary(items), "git_commit": git_commit(), "base_sha256": LITEMEDSAM_SHA256,
                 "device": device, "torch": str(torch.__version__), "threads": torch.get_num_threads()}

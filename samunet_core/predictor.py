@@ -283,11 +283,12 @@ class Predictor:
         return (full[:, 0] > 0).cpu().numpy()
 
 
-def load_predictor(name: str = "litemedsam", device: str = "auto", checkpoint: str | None = None, *,
+def load_predictor(name: str | None = None, device: str = "auto", checkpoint: str | None = None, *,
                    trust: bool = False, precision: str = "fp32") -> Predictor:
-    """Build a registry model, load its weights strictly and wrap it in a Predictor."""
-    from samunet_core.registry import get_spec, load_model
+    """Build a registry model (default: `registry.DEFAULT_MODEL`), load its weights strictly, wrap it in a Predictor."""
+    from samunet_core.registry import DEFAULT_MODEL, get_spec, load_model
 
+    name = name or DEFAULT_MODEL
     spec = get_spec(name)
     model, weights = load_model(name, checkpoint, trust=trust)
     return Predictor(model, name, spec.family, device=device, precision=precision, weights=weights,
