@@ -609,6 +609,7 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
 
     info = {
         "model": getattr(predictor, "model_id", "?"), "protocol": protocol, "manifest": manifest_path,
+        "weights_sha256": getattr(getattr(predictor, "weights", None), "sha256", None),
         "n_cases": len(cases), "slice_stride": slice_stride, "limit": limit, "fp16_embeddings": fp16_embeddings,
         "nsd_tolerance": {"2d_px": NSD_TOLERANCE_PX_2D, "3d_mm": NSD_TOLERANCE_MM_3D},
         "min_slice_voxels": MIN_SLICE_VOXELS,

@@ -11,14 +11,26 @@ import sys
 from pathlib import Path
 
 
+def unseen_cases(by_case: dict[str, dict]) -> tuple[int, float]:
+    """(n, mean Dice) over the cases no click training saw (see samunet_core/train/splits.py), from by_case."""
+    from samunet_core.train.splits import seen_in_training
+
+    kept = [(v["n"], v["mean_dice"]) for case, v in by_case.items() if not seen_in_training(case)]
+    n = sum(count for count, _ in kept)
+    return n, (sum(count * dice for count, dice in kept) / n if n else float("nan"))
+
+
 def eval_table(dirs: list[str]) -> str:
-    lines = ["| model | protocol | n | mean Dice | mean NSD | by modality (n, Dice) | 3D stride |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | protocol | n | mean Dice | mean NSD | by modality (n, Dice) | unseen cases (n, Dice) "
+             "| 3D stride |",
+             "|---|---|---|---|---|---|---|---|"]
     for d in dirs:
         s = json.loads((Path(d) / "summary.json").read_text())
         mods = ", ".join(f"{m} {v['n']}: {v['mean_dice']:.4f}" for m, v in sorted(s["by_modality"].items()))
+        n_unseen, dice_unseen = unseen_cases(s.get("by_case", {}))
         lines.append(f"| {s['model']} | {s['protocol']} | {s['n_targets']} | {s['mean_dice']:.4f} | "
-                     f"{s.get('mean_nsd', float('nan')):.4f} | {mods} | {s.get('slice_stride', 1)} |")
+                     f"{s.get('mean_nsd', float('nan')):.4f} | {mods} | {n_unseen}: {dice_unseen:.4f} | "
+                     f"{s.get('slice_stride', 1)} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import pytest
 from samunet_core.cli import main
 from samunet_core.errors import InputError
 from samunet_core.manifest import load_manifest, parse_manifest
+from samunet_core.train.weights_source import LITEMEDSAM_SHA256
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SMALL = DATA / "eval_small"
@@ -35,7 +36,9 @@ def reference_dice() -> dict[tuple[str, str, str], float]:
 
 
 def run_eval(manifest: Path, out: Path, *extra: str) -> tuple[list[dict[str, str]], dict]:
-    code = main(["eval", str(manifest), "--out", str(out), "--device", "cpu", "--no-progress", *extra])
+    """The base model, whose box results the official reference pins down."""
+    code = main(["eval", str(manifest), "--out", str(out), "--device", "cpu", "--no-progress", "--model", "litemedsam",
+                 *extra])
     assert code == 0
     return read_rows(out / "results.csv"), json.loads((out / "summary.json").read_text())
 
@@ -45,6 +48,7 @@ def check_schema(rows: list[dict[str, str]], summary: dict, protocol: str, n: in
     assert len(rows) == n
     assert REQUIRED_SUMMARY <= set(summary)
     assert summary["protocol"] == protocol and summary["model"] == "litemedsam" and summary["n_targets"] == n
+    assert summary["weights_sha256"] == LITEMEDSAM_SHA256
     for row in rows:
         assert 0.0 <= float(row["dice"]) <= 1.0 and 0.0 <= float(row["nsd"]) <= 1.0
     mean = sum(float(r["dice"]) for r in rows) / n

@@ -28,6 +28,15 @@ TRAIN_COUNTS: dict[str, int | None] = {"hc18": 80, "kvasir": 120, "dsb2018": Non
 SHARED_TRAIN = ("totalseg/example_ct", "totalseg/example_ct_dicom")
 SHARED_VAL = ("sam_med2d/amos_0004_75", "sam_med2d/amos_0006_90", "sam_med2d/s0114_111", "sam_med2d/s0619_32",
               "slicerio/ctchest", "dcmqi/ct3slice")
+# Cases of the shared evaluation manifest whose patient the click training saw (example_ct_sm is example_ct's top).
+SHARED_SEEN = (*SHARED_TRAIN, "totalseg/example_ct_sm")
+
+
+def seen_in_training(case_id: str) -> bool:
+    """True for shared-manifest cases whose patient is on the training side (their scores are not independent)."""
+    return case_id in SHARED_SEEN
+
+
 # 3D training volumes: encode every STRIDE-th axial slice that has a target (bounds the encoder cost).
 SHARED_TRAIN_STRIDE = {"totalseg/example_ct": 4, "totalseg/example_ct_dicom": 3}
 
