@@ -9,7 +9,8 @@ beyond an empty mask, so a walk nearly always runs to the end of the volume and 
 - collapses or explodes: its area is below `min_area_ratio` or above `max_area_ratio` times the previous slice's,
 - jumps: its IoU with the previous slice's mask is below `min_slice_iou` (organs change smoothly between slices;
   a run-on jumps to a neighbouring structure), or
-- is doubted by the model: the decoder's predicted IoU is below `min_score`.
+- is doubted by the model: the decoder's predicted IoU is below `min_score_ratio` times the prompted slice's
+  (relative, so it holds for models whose IoU heads are calibrated differently) or below `min_score`.
 
 The slice that trips a rule is not kept. Between two prompted slices the walk is bounded: each prompted slice keeps its
 own mask, and each slice in between is carried from the nearer prompted slice (ties to the lower one); if such a walk
@@ -57,7 +58,8 @@ class PropagationParams:
     min_area_ratio: float = 0.4
     max_area_ratio: float = 3.0
     min_slice_iou: float = 0.45
-    min_score: float = 0.5
+    min_score: float = 0.0  # absolute floor on the predicted IoU
+    min_score_ratio: float = 0.65  # predicted IoU below this x the walk's start slice's stops the walk
     min_pixels: int = 1  # a mask smaller than this counts as vanished
 
     def replace(self, **changes: Any) -> PropagationParams:
@@ -129,7 +131,8 @@ def predict_box(decoder: SliceDecoder, k: int, box: Any, mask_input: np.ndarray 
     return SliceMask(out.masks[0], out.logits[:1], float(out.scores[0]))
 
 
-def _accept(new: SliceMask, prev: SliceMask, params: PropagationParams) -> bool:
+def _accept(new: SliceMask, prev: SliceMask, params: PropagationParams, start_score: float = float("nan")
+            ) -> bool:
     """The stopping rule: False when the new slice's mask vanished, collapsed, exploded, jumped or is doubted."""
     area = int(new.mask.sum())
     if area < params.min_pixels:
@@ -140,6 +143,9 @@ def _accept(new: SliceMask, prev: SliceMask, params: PropagationParams) -> bool:
     if params.min_slice_iou > 0 and _iou(new.mask, prev.mask) < params.min_slice_iou:
         return False
     if params.min_score > 0 and np.isfinite(new.score) and new.score < params.min_score:
+        return False
+    if (params.min_score_ratio > 0 and np.isfinite(new.score) and np.isfinite(start_score)
+            and new.score < params.min_score_ratio * start_score):
         return False
     return True
 
@@ -162,7 +168,7 @@ def walk(decoder: SliceDecoder, start: SliceMask, start_k: int, step: int, stop_
             box = chained_box(prev.mask, params.box_margin)
             mask_input = prev.logits if params.use_logits and prev.logits is not None else None
             new = predict_box(decoder, k, box, mask_input)
-            ok = _accept(new, prev, params) if apply_rule else new.mask.sum() >= params.min_pixels
+            ok = _accept(new, prev, params, start.score) if apply_rule else new.mask.sum() >= params.min_pixels
             if not ok:
                 new = None
         if new is None and fallback_box is not None:
