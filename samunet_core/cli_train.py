@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "litemedsam_clicks_v2.pt"
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "litemedsam_clicks_v4.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,10 +87,11 @@ def data_summary(items: list[Any]) -> dict[str, Any]:
     by_source: dict[str, dict[str, int]] = {}
     for item in items:
         source = item.source.split("/")[0]
-        entry = by_source.setdefault(source, {"images": 0, "targets": 0, "flipped_copies": 0})
+        entry = by_source.setdefault(source, {"images": 0, "targets": 0, "flipped_copies": 0, "augmented_copies": 0})
         entry["images"] += 1
         entry["targets"] += len(item.names)
         entry["flipped_copies"] += int(item.source.endswith(":flip"))
+        entry["augmented_copies"] += int(":aug" in item.source)
     return {"images": len(items), "targets": sum(len(i.names) for i in items), "by_source": by_source}
 
 

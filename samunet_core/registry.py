@@ -144,13 +144,13 @@ for _backbone, _bytes_note in (("resnet34", "res34"), ("resnet50", "res50")):
 def _clicks_weights() -> Any:
     from samunet_core.train.weights_source import LiteMedSAMDeltaWeights
 
-    return LiteMedSAMDeltaWeights("litemedsam_clicks_v2.pt",
-                                  "aa91840fd49ef873905214de6ab1fc1d282dd61e92e4481d1b4ffd72629b7ae6")
+    return LiteMedSAMDeltaWeights("litemedsam_clicks_v4.pt",
+                                  "0ec1bf5478613ccf5db305689b6d701cee7744d197030bb8ca5239114b92dd4d")
 
 
 register(_litemedsam_spec(
     "litemedsam_clicks",
-    "LiteMedSAM, prompt encoder + mask decoder fine-tuned for clicks and corrections (v2); default",
+    "LiteMedSAM, prompt encoder + mask decoder fine-tuned for clicks and corrections (v4); default",
     _clicks_weights(),
     encoder_id="litemedsam",  # the frozen base encoder: shares every cached LiteMedSAM embedding
 ))

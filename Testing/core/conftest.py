@@ -15,7 +15,7 @@ SAM_MED2D = DATA / "sam_med2d_demo"
 
 @pytest.fixture(scope="session")
 def litemedsam():
-    """The default model with its real weights (fails, never skips, if they are not installed)."""
+    """The base LiteMedSAM model with its real weights (fails, never skips, if they are not installed)."""
     from samunet_core.predictor import load_predictor
 
     return load_predictor("litemedsam", device="cpu")

@@ -16,7 +16,7 @@ from PIL import Image
 DATA = Path(__file__).resolve().parents[1] / "data" / "sam_med2d_demo"
 TRAIN_IMAGES = ("s0114_111", "s0619_32")  # training run; amos_0004_75 stays unseen for the point1 check
 HELD_OUT = "amos_0004_75"
-WEIGHTS = Path(__file__).resolve().parents[2] / "samunet_core" / "weights" / "litemedsam_clicks_v2.pt"
+WEIGHTS = Path(__file__).resolve().parents[2] / "samunet_core" / "weights" / "litemedsam_clicks_v4.pt"
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,26 @@ def test_split_is_by_subject_and_patient():
     assert train_units.isdisjoint(split_unit(c) for c in split.val_pool)
     assert "totalseg/example_ct_sm" not in SHARED_VAL and "totalseg/example_ct" in SHARED_TRAIN
     assert set(SHARED_TRAIN).isdisjoint(SHARED_VAL)
+
+
+def test_augmented_copy_moves_image_and_masks_together(sam_med2d_json):
+    from samunet_core.train.data import augmented, records_from_sam_med2d
+
+    record = next(records_from_sam_med2d(sam_med2d_json, root=DATA))
+    copy = augmented(record)
+    again = augmented(record)
+    assert copy.source == record.source + ":aug0" and np.array_equal(copy.image, again.image)  # reproducible
+    assert not np.array_equal(copy.image, record.image) and copy.image.dtype == np.uint8
+    assert not np.array_equal(augmented(record, seed=1).image, copy.image)
+    assert [n for n, _ in copy.targets] == [n for n, _ in record.targets]
+    for (_, before), (_, after) in zip(record.targets, copy.targets, strict=True):
+        assert not np.array_equal(before, after)
+        # a rotation by <= 15 degrees keeps area (nearest-neighbour resampling) and most of the overlap of big masks
+        assert abs(int(after.sum()) - int(before.sum())) <= 0.1 * before.sum() + 20
+    # the image moved with the masks: mean intensity inside each mask is preserved up to the intensity jitter
+    inside = [float(record.image[m].mean()) for _, m in record.targets]
+    inside_copy = [float(copy.image[m].mean()) for _, m in copy.targets]
+    assert np.corrcoef(inside, inside_copy)[0, 1] > 0.9
 
 
 def test_corrective_click_follows_the_eval_rule():

@@ -121,3 +121,33 @@ def flipped(record: ImageRecord) -> ImageRecord:
     """The record mirrored left-right (an image-space augmentation: it needs its own encoding)."""
     return ImageRecord(record.source + ":flip", record.modality, np.ascontiguousarray(record.image[:, ::-1]),
                        [(name, np.ascontiguousarray(mask[:, ::-1])) for name, mask in record.targets])
+
+
+def augmented(record: ImageRecord, degrees: tuple[float, float] = (5.0, 15.0), seed: int = 0) -> ImageRecord:
+    """A rotated, intensity-jittered copy of a record (an image-space augmentation: it needs its own encoding).
+
+    Rotation about the image centre by `degrees` (low, high) either way (image bilinear, masks nearest, zero fill;
+    the low bound keeps every copy a real change, as each costs an encoding), then a
+    gamma in [0.7, 1.4], a contrast factor in [0.85, 1.15] and a brightness shift of up to +-12 grey levels. The
+    draw is a pure function of the record's source id and `seed`, so a rerun encodes the same copy.
+    """
+    import hashlib
+
+    import cv2
+
+    digest = hashlib.sha256(f"{record.source}:{seed}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    angle = float(rng.uniform(*degrees) * rng.choice((-1.0, 1.0)))
+    gamma, contrast, shift = rng.uniform(0.7, 1.4), rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
+    h, w = record.image.shape[:2]
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle, 1.0)
+    image = cv2.warpAffine(record.image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    levels = 255.0 * (np.arange(256) / 255.0) ** gamma
+    lut = np.clip((levels - 127.5) * contrast + 127.5 + shift, 0, 255).astype(np.uint8)
+    image = lut[image]
+    targets = []
+    for name, mask in record.targets:
+        moved = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
+        if moved.any():
+            targets.append((name, moved))
+    return ImageRecord(f"{record.source}:aug{seed}", record.modality, np.ascontiguousarray(image), targets)

@@ -39,7 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     box_fraction: float = 0.3  # share of steps whose first prompt is a box (else 1-3 points)
-    round_probs: tuple[float, ...] = (0.35, 0.2, 0.15, 0.15, 0.15)  # P(loss on round r), r = 0..4 corrections
+    round_probs: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # P(last round = r), r = 0..4 (v2: .35 .2 .15 .15 .15)
     kd_weight: float = 5.0  # box steps at round 0: BCE towards the base decoder's probabilities
     box_jitter: float = 0.1
     loss_every_round: bool = True  # loss on every round (earlier rounds' logits fed back detached), else the last only

@@ -37,8 +37,8 @@ def seen_in_training(case_id: str) -> bool:
     return case_id in SHARED_SEEN
 
 
-# 3D training volumes: encode every STRIDE-th axial slice that has a target (bounds the encoder cost).
-SHARED_TRAIN_STRIDE = {"totalseg/example_ct": 4, "totalseg/example_ct_dicom": 3}
+# 3D training volumes: encode every STRIDE-th axial slice that has a target (1 = all; v2 used 4 and 3).
+SHARED_TRAIN_STRIDE = {"totalseg/example_ct": 1, "totalseg/example_ct_dicom": 1}
 
 
 def split_unit(case_id: str) -> str:
@@ -126,13 +126,16 @@ def write_validation_manifest(data_root: str | Path, out_path: str | Path) -> di
 
 
 FLIP_EVERY = 8  # every 8th training image also gets a left-right mirrored copy (encoded separately)
+AUGMENT_EVERY = 4  # every 4th (offset 2) also gets a rotated, intensity-jittered copy (`data.augmented`)
 
 
-def training_records(data_root: str | Path, split: Split | None = None, flip_every: int = FLIP_EVERY):
+def training_records(data_root: str | Path, split: Split | None = None, flip_every: int = FLIP_EVERY,
+                     augment_every: int = AUGMENT_EVERY):
     """ImageRecords of the training side, round-robin over sources (dsb2018, hvsmr, chasedb1, hc18, kvasir, and
     each shared CT volume at every STRIDE-th slice), so any prefix of the stream is balanced across sources; every
-    `flip_every`-th record is followed by its mirrored copy (0 = none)."""
-    from samunet_core.train.data import flipped, records_from_manifest
+    `flip_every`-th record is followed by its mirrored copy and every `augment_every`-th (offset by half) by a
+    rotated, intensity-jittered copy (0 = none)."""
+    from samunet_core.train.data import augmented, flipped, records_from_manifest
 
     data_root = Path(data_root)
     pool_path, shared_path = data_root / "train_manifest.json", data_root / "manifest.json"
@@ -156,4 +159,8 @@ def training_records(data_root: str | Path, split: Split | None = None, flip_eve
             yield record
             if flip_every and index % flip_every == 0:
                 yield flipped(record)
+            if augment_every and index % augment_every == augment_every // 2:
+                copy = augmented(record)
+                if copy.targets:
+                    yield copy
             index += 1
