@@ -150,7 +150,7 @@ def test_demo_prompt_file_matches_the_reference_segments():
     volume = read_volume(SAMPLES / "CTChest4.nrrd")
     reference = read_segmentation(DATA / "slicerio_ctchest" / "Segmentation.seg.nrrd")
     prompts = load_prompts(SAMPLES / "ctchest_prompts.json", volume)
-    assert [s.name for s in prompts.segments] == ["right lung", "left lung", "tissue"]
+    assert [s.name for s in prompts.segments] == ["right lung", "left lung"]
     frame = volume.frame("axial")
     for seg in prompts.segments:
         (box,) = seg.boxes
