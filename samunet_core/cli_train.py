@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kd-weight", type=float, default=d.kd_weight)
     parser.add_argument("--loss-last-round-only", action="store_true",
                         help="take the loss on the last correction round only (v1); default: mean over every round")
+    parser.add_argument("--multimask-first-click", action="store_true",
+                        help="train a lone first click on the best of SAM's 3 ambiguity masks (tried: not better)")
+    parser.add_argument("--init", default=None, metavar="DELTA",
+                        help="start from a trained delta (e.g. the shipped one) instead of the base model")
     parser.add_argument("--no-crop", action="store_true", help="decode the full 64x64 embedding in training "
                                                                 "(slower; exact on a GPU)")
     parser.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
@@ -108,9 +112,10 @@ def write_card(out: Path, card: dict[str, Any]) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from samunet_core.checkpoints import sha256_of_file
     from samunet_core.errors import InputError
     from samunet_core.predictor import Predictor, resolve_device
-    from samunet_core.train.delta import save_delta
+    from samunet_core.train.delta import apply_delta, read_delta, save_delta
     from samunet_core.train.embeddings import list_items, open_cache, precompute
     from samunet_core.train.loop import TrainConfig, Trainer, prompt_schedule
     from samunet_core.train.splits import write_validation_manifest
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_pool and not (Path(args.data_root) / "train_manifest.json").is_file():
         raise InputError(f"{args.data_root} has no train_manifest.json; pass --data-root (the shared data folder) "
                          "or --no-pool with --sam-med2d-json / --extra-manifest")
+    init_delta = read_delta(args.init) if args.init else None  # a bad file fails before any encoding
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -140,10 +146,14 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=args.lr, seed=args.seed,
                          box_fraction=args.box_fraction, kd_weight=args.kd_weight, crop=not args.no_crop,
                          loss_every_round=not args.loss_last_round_only,
-                         threads=args.threads)
+                         multimask_first_click=args.multimask_first_click, threads=args.threads)
     metadata = {"data": data_summary(items), "git_commit": git_commit(), "base_sha256": LITEMEDSAM_SHA256,
                 "device": device, "torch": str(torch.__version__), "threads": torch.get_num_threads()}
-    trainer = Trainer(load_base_litemedsam(), items, open_cache(args.cache_dir), config, run_dir=args.run_dir,
+    model = load_base_litemedsam()
+    if init_delta is not None:
+        apply_delta(model, init_delta, args.init)
+        metadata["init"] = {"file": Path(args.init).name, "sha256": sha256_of_file(args.init)}
+    trainer = Trainer(model, items, open_cache(args.cache_dir), config, run_dir=args.run_dir,
                       device=device, metadata=metadata)
     if not args.restart and trainer.resume():
         print(f"resumed {trainer.checkpoint_path} at step {trainer.step}")

@@ -243,3 +243,45 @@ def test_shipped_weights_load_strictly_and_improve_point1(base_predictor):
     clicks = _point1_dice(trained, Embedding("litemedsam_clicks", embedding.tensors, embedding.original_size,
                                              embedding.input_size), masks)
     assert np.mean(clicks) > np.mean(base) + 0.3, (base, clicks)
+
+
+def test_ambiguous_click_loss_trains_the_best_candidate():
+    """SAM's one-click loss: only the best of the candidate masks counts, the IoU head learns all of them."""
+    import torch
+
+    from samunet_core.train.losses import ambiguous_click_loss
+
+    target = torch.zeros(2, 16, 16)
+    target[:, 4:12, 4:12] = 1
+    good = torch.where(target > 0, 10.0, -10.0)
+    bad = -good
+    logits = torch.stack([torch.stack([bad[i], good[i], bad[i]]) for i in range(2)]).requires_grad_(True)
+    iou_pred = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    loss = ambiguous_click_loss(logits, iou_pred, target)
+    assert loss.shape == (2,) and float(loss.detach().max()) < 0.05, loss
+    loss.sum().backward()
+    assert float(logits.grad[:, 1].abs().sum()) > 0 and float(logits.grad[:, [0, 2]].abs().sum()) == 0
+
+
+def test_lone_click_steps_train_the_ambiguity_tokens(cached_items):
+    from samunet_core.train.embeddings import open_cache
+    from samunet_core.train.loop import TrainConfig, Trainer
+    from samunet_core.train.weights_source import load_base_litemedsam
+
+    cache_dir, items = cached_items
+    config = TrainConfig(steps=3, prompts_per_step=3, lr=5e-4, warmup_steps=1, kd_weight=0.0, box_fraction=0.0,
+                         round_probs=(0.5, 0.5), multimask_first_click=True)
+    trainer = Trainer(load_base_litemedsam(), items, open_cache(cache_dir), config)
+    before = {k: v.clone() for k, v in trainer.model.mask_decoder.output_hypernetworks_mlps.state_dict().items()}
+    history = trainer.run(progress=False)
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    after = trainer.model.mask_decoder.output_hypernetworks_mlps.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch_equal(before[k], after[k])}
+    # token 0 serves the other targets; of tokens 1-3 only the best candidate learns (without the option none would)
+    assert "0" in changed and changed & {"1", "2", "3"}, changed
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

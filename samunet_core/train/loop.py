@@ -45,6 +45,7 @@ class TrainConfig:
     loss_every_round: bool = True  # loss on every round (earlier rounds' logits fed back detached), else the last only
     checkpoint_every: int = 25
     threads: int = 0  # torch threads (0: leave torch's default)
+    multimask_first_click: bool = False  # a lone first click trains SAM's 3 ambiguity tokens (best of 3)
     crop: bool = True  # decode only a window of the embedding around the step's targets (cheaper on a CPU)
     crop_min_tokens: int = 32  # smallest window side in embedding tokens (x4 = grid pixels)
     crop_margin_px: int = 24  # grid pixels of context around the targets' union box
@@ -58,7 +59,8 @@ def prompt_schedule(config: TrainConfig) -> dict[str, Any]:
             "correction_rounds_probs": list(config.round_probs),
             "loss": "every round (mean)" if config.loss_every_round else "last round only",
             "correction_click": "metrics.next_click (centre of largest error region), 25% a random pixel of it",
-            "mask_input": "previous round's logits (no gradient)", "kd_box_round0_weight": config.kd_weight}
+            "mask_input": "previous round's logits (no gradient)", "kd_box_round0_weight": config.kd_weight,
+            "lone_first_click": "best of the 3 ambiguity tokens" if config.multimask_first_click else "token 0"}
 
 
 EMBED_GRID = 64  # LiteMedSAM image embedding side; logits are 4x that
@@ -82,22 +84,24 @@ def crop_window(masks: np.ndarray, min_tokens: int, margin_px: int) -> tuple[int
 
 
 def decode_window(model: Any, image_embedding: Any, coords: Any, labels: Any, boxes: Any, mask_input: Any,
-                  window: tuple[int, int, int]) -> tuple[Any, Any]:
+                  window: tuple[int, int, int], all_masks: bool = False) -> tuple[Any, Any]:
     """LiteMedSAM decode of B prompts restricted to a window of the 1x256x64x64 embedding.
 
     Prompts and mask input stay in the full 256 frame (the prompt encoder sees the whole image); the transformer
     attends only to the window's image tokens, with their own positional encodings. Returns (logits Bx1x4sx4s of the
-    window, IoU Bx1). The window (0, 0, 64) is exactly the model's own decode.
+    window, IoU Bx1; with `all_masks` all four mask tokens, Bx4 and Bx4). The window (0, 0, 64) is exactly the
+    model's own decode.
     """
     r0, c0, side = window
     points = (coords, labels) if coords is not None else None
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     pe = model.prompt_encoder.get_dense_pe()
     crop = (Ellipsis, slice(r0, r0 + side), slice(c0, c0 + side))
-    logits, iou = model.mask_decoder(image_embeddings=image_embedding[crop], image_pe=pe[crop],
-                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[crop],
-                                     multimask_output=False)
-    return logits, iou
+    inputs = dict(image_embeddings=image_embedding[crop], image_pe=pe[crop], sparse_prompt_embeddings=sparse,
+                  dense_prompt_embeddings=dense[crop])
+    if all_masks:
+        return model.mask_decoder.predict_masks(**inputs)
+    return model.mask_decoder(**inputs, multimask_output=False)
 
 
 def paste_window(logits: Any, window: tuple[int, int, int]) -> Any:
@@ -210,10 +214,31 @@ class Trainer:
         return True
 
     # -- one step -------------------------------------------------------------------------------------------------
-    def _decode(self, model: Any, embedding: Any, prompts: Any, mask_input: Any, window: tuple[int, int, int]
-                ) -> tuple[Any, Any]:
+    def _decode(self, model: Any, embedding: Any, prompts: Any, mask_input: Any, window: tuple[int, int, int],
+                all_masks: bool = False) -> tuple[Any, Any]:
         coords, labels, boxes = prompts.tensors(self.device)
-        return decode_window(model, embedding, coords, labels, boxes, mask_input, window)
+        return decode_window(model, embedding, coords, labels, boxes, mask_input, window, all_masks)
+
+    def _lone_click_round(self, embedding: Any, prompts: Any, target: Any, window: tuple[int, int, int]
+                          ) -> tuple[Any, Any]:
+        """Round 0 of a points step with `multimask_first_click`: targets prompted by one click are trained on the
+        best of the three ambiguity tokens, the others on token 0. Returns (loss parts, Bx1 logits as a user would
+        get them: the lone-click targets' token with the highest predicted IoU)."""
+        import torch
+
+        from samunet_core.train.losses import ambiguous_click_loss, segmentation_loss
+
+        lone = torch.tensor([len(clicks) == 1 for clicks in prompts.clicks], device=self.device)
+        logits, iou_pred = self._decode(self.model, embedding, prompts, None, window, all_masks=True)
+        per_target = torch.where(lone, ambiguous_click_loss(logits[:, 1:], iou_pred[:, 1:], target),
+                                 ambiguous_click_loss(logits[:, :1], iou_pred[:, :1], target))
+        best = 1 + iou_pred[:, 1:].argmax(1)
+        pick = torch.where(lone, best, torch.zeros_like(best))
+        rows = torch.arange(len(pick), device=self.device)
+        chosen, chosen_iou = logits[rows, pick][:, None], iou_pred[rows, pick][:, None]
+        parts = segmentation_loss(chosen.detach(), chosen_iou.detach(), target)
+        parts.total = per_target.mean()
+        return parts, chosen
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step (deterministic given the seed and `step`). Returns loss parts."""
@@ -248,7 +273,10 @@ class Trainer:
         mask_input = None
         losses = []
         for r in range(rounds + 1):
-            if not cfg.loss_every_round and r < rounds:
+            if r == 0 and mode == "points" and cfg.multimask_first_click:
+                parts, logits = self._lone_click_round(image_embedding, prompts, target, window)
+                losses.append(parts)
+            elif not cfg.loss_every_round and r < rounds:
                 with torch.no_grad():
                     logits, _ = self._decode(self.model, image_embedding, prompts, mask_input, window)
             else:

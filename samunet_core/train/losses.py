@@ -64,3 +64,14 @@ def segmentation_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torc
         total = total + kd_weight * kd
     return LossParts(total, float(focal.detach()), float(dice.detach()), float(iou_mse.detach()), float(kd.detach()),
                      float(actual_iou.mean()))
+
+
+def ambiguous_click_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """B: SAM's loss for an ambiguous prompt (one click): the best of the M candidate masks is trained, and the IoU
+    head learns every candidate's IoU. logits BxMxLxL, iou_pred BxM, target BxLxL."""
+    target = target.float().unsqueeze(1).expand_as(logits)
+    b, m = logits.shape[:2]
+    flat_logits, flat_target = logits.reshape(b * m, -1), target.reshape(b * m, -1)
+    per_mask = (FOCAL_WEIGHT * focal_loss(flat_logits, flat_target) + dice_loss(flat_logits, flat_target)).view(b, m)
+    actual_iou = mask_iou(flat_logits, flat_target).view(b, m)
+    return per_mask.min(1).values + ((iou_pred - actual_iou) ** 2).mean(1)
