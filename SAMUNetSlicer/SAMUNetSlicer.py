@@ -8,13 +8,12 @@ worker, and a Qt timer applies finished results on the main thread.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -25,7 +24,6 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-PROGRESS_DELAY_S = 0.5
 POLL_MS = 30
 
 
@@ -37,10 +35,12 @@ class SAMUNetSlicer(ScriptedLoadableModule):
         self.parent.dependencies = ["Markups", "Segmentations"]
         self.parent.contributors = ["SAMUNetSlicer developers"]
         self.parent.helpText = _(
-            "Click positive/negative points or draw a box on a slice: the structure is segmented at once into the "
-            "selected segment, honouring the Segment Editor's masking settings. Shift-click places a negative point. "
-            "Shortcuts: A positive, S negative, B box, Enter accept, Esc clear, Z undo. Propagate carries the mask "
-            "through the volume; Batch applies the prompts to every loaded volume.")
+            "Press Start, then click positive/negative points or a box on a slice in any slice view (Red, Yellow or "
+            "Green): the structure is segmented at once into the selected segment, honouring the Segment Editor's "
+            "masking settings. Shift held while placing a point gives it the other polarity. Successive clicks "
+            "refine the mask. Accept keeps it (one undo step), Clear puts the slices back. Propagate carries the mask "
+            "through the volume; Batch applies the prompts to every loaded volume. Keys (only while this module's "
+            "panel has the keyboard focus, so Slicer's own keys are never taken): Enter accept, Escape clear.")
         self.parent.acknowledgementText = _(
             "SAM-UNet (arXiv 2408.09886) and LiteMedSAM (bowang-lab MedSAM, CVPR 2024 MedSAM on Laptop).")
 
@@ -50,31 +50,28 @@ class SAMUNetSlicerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     segmentID: str = ""
-    model: Annotated[str, Choice(["litemedsam_clicks", "litemedsam", "samunet_res34", "samunet_res50"])] = (
-        "litemedsam_clicks")
+    model: str = ""  # a registry name; the widget offers only models whose weights are present
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     correction: Annotated[str, Choice(["replace", "add", "remove"])] = "replace"
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
-    box: vtkMRMLMarkupsROINode
 
 
 class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt only: maps buttons and keys to the Lib's InteractionController and shows its state."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._segmenter = None
-        self._observer = None
-        self._pending = []  # (future, on_done) pairs checked by the timer
-        self._pendingSince = None
+        self._controller = None
         self._batch = None
         self._shortcuts = []
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
-        self._timer.timeout.connect(self._checkPending)
+        self._timer.timeout.connect(self._poll)
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -89,56 +86,69 @@ class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.positiveButton.clicked.connect(lambda: self._place("positivePoints"))
-        self.ui.negativeButton.clicked.connect(lambda: self._place("negativePoints"))
-        self.ui.boxButton.clicked.connect(lambda: self._place("box"))
+        self.ui.positiveButton.clicked.connect(lambda: self._tool("positive"))
+        self.ui.negativeButton.clicked.connect(lambda: self._tool("negative"))
+        self.ui.boxButton.clicked.connect(lambda: self._tool("box"))
         self.ui.startButton.clicked.connect(self.onStart)
-        self.ui.acceptButton.clicked.connect(self.onAccept)
-        self.ui.clearButton.clicked.connect(self.onClear)
-        self.ui.undoButton.clicked.connect(self.onUndo)
-        self.ui.undoPromptButton.clicked.connect(self.onUndoPrompt)
-        self.ui.propagateUpButton.clicked.connect(lambda: self.onPropagate("up"))
-        self.ui.propagateDownButton.clicked.connect(lambda: self.onPropagate("down"))
-        self.ui.propagateBothButton.clicked.connect(lambda: self.onPropagate("both"))
+        self.ui.acceptButton.clicked.connect(lambda: self._call(_("Accept failed."), "accept"))
+        self.ui.clearButton.clicked.connect(lambda: self._call(_("Clear failed."), "clear"))
+        self.ui.undoButton.clicked.connect(lambda: self._call(_("Undo failed."), "undo"))
+        self.ui.undoPromptButton.clicked.connect(lambda: self._call(_("Undo failed."), "remove_last_prompt"))
+        for button, direction in ((self.ui.propagateUpButton, "up"), (self.ui.propagateDownButton, "down"),
+                                  (self.ui.propagateBothButton, "both")):
+            button.clicked.connect(lambda _checked=False, d=direction: self._call(_("Propagation failed."),
+                                                                                  "propagate", d))
         self.ui.batchButton.clicked.connect(self.onBatch)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.dependenciesButton.clicked.connect(self.onInstallDependencies)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._onSegmentSelected)
+        self.ui.correctionComboBox.connect("currentTextChanged(QString)", self._onModeChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
+        self._fillModels()
         self._installShortcuts()
         self.initializeParameterNode()
 
+    def _fillModels(self) -> None:
+        """Every registry model; those without weights disabled, the tooltip saying where the file goes."""
+        from SAMUNetSlicerLib.models import model_choices
+
+        combo = self.ui.modelComboBox
+        combo.clear()
+        for index, choice in enumerate(model_choices()):
+            combo.addItem(choice.label, choice.name)
+            combo.setItemData(index, choice.tooltip, qt.Qt.ToolTipRole)
+            if not choice.enabled:
+                combo.model().item(index).setEnabled(False)
+
     def _installShortcuts(self) -> None:
-        keys = {"a": lambda: self._place("positivePoints"), "s": lambda: self._place("negativePoints"),
-                "b": lambda: self._place("box"), "Return": self.onAccept, "Escape": self.onClear, "z": self.onUndo}
-        for key, slot in keys.items():
-            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
-            shortcut.setContext(qt.Qt.ApplicationShortcut)
+        """Enter and Escape, only while the module panel has the focus: no application-wide single keys."""
+        for key, slot in (("Return", lambda: self._call(_("Accept failed."), "accept")),
+                          ("Escape", lambda: self._call(_("Clear failed."), "clear"))):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), self.parent)
+            shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
             shortcut.activated.connect(slot)
-            shortcut.setEnabled(False)  # only while this module is shown
             self._shortcuts.append(shortcut)
 
     def cleanup(self) -> None:
         self.removeObservers()
-        self._stopSegmenter()
+        self._timer.stop()
+        if self._controller is not None:
+            self._controller.close()
+            self._controller = None
         for shortcut in self._shortcuts:
             shortcut.setParent(None)
         self._shortcuts = []
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        for shortcut in self._shortcuts:
-            shortcut.setEnabled(True)
 
     def exit(self) -> None:
-        for shortcut in self._shortcuts:
-            shortcut.setEnabled(False)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._stopSegmenter()
-        self.setParameterNode(None)
+        self.setParameterNode(None)  # the controller drops its own pending work on the same event
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -146,7 +156,6 @@ class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        self.logic.ensurePromptNodes(self._parameterNode)
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
@@ -160,141 +169,86 @@ class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.segmentSelector.setCurrentNode(self._parameterNode.segmentation)
                 if self._parameterNode.segmentID:
                     self.ui.segmentSelector.setCurrentSegmentID(self._parameterNode.segmentID)
+            index = self.ui.modelComboBox.findData(self._parameterNode.model)
+            if index >= 0 and self.ui.modelComboBox.model().item(index).isEnabled():
+                self.ui.modelComboBox.currentIndex = index
+            else:
+                self._onModelChanged(self.ui.modelComboBox.currentIndex)
 
     def _onSegmentSelected(self, segmentID) -> None:
         if self._parameterNode:
             self._parameterNode.segmentation = self.ui.segmentSelector.currentNode()
             self._parameterNode.segmentID = segmentID or ""
 
-    # -- tools ----------------------------------------------------------------------------------------------------
-    def _place(self, role: str) -> None:
-        node = getattr(self._parameterNode, role)
-        if node is None:
-            return
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
-        selection.SetActivePlaceNodeID(node.GetID())
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
-        interaction.SetPlaceModePersistence(role != "box")
-        interaction.SetCurrentInteractionMode(interaction.Place)
+    def _onModelChanged(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
 
+    def _onModeChanged(self, mode) -> None:
+        if self._controller is not None and self._controller.started and mode:
+            self._controller.set_mode(mode)
+
+    # -- controller calls -----------------------------------------------------------------------------------------
     def onStart(self) -> None:
-        """Bind volume, segment, model and view orientation; from now on prompts update the segment."""
+        """Bind volume, segment and model; from now on prompts in any slice view update the segment."""
         with slicer.util.tryWithErrorDisplay(_("Could not start segmenting."), waitCursor=True):
             if not self._ensureDependencies():
                 return
-            self._stopSegmenter()
-            p = self._parameterNode
-            axis = self.logic.viewAxis(p.inputVolume)
-            self._segmenter = self.logic.createSegmenter(p, axis)
-            from SAMUNetSlicerLib.prompts import PromptObserver
+            if self._controller is None:
+                self._controller = self.logic.createController(
+                    self._parameterNode, status=self._showStatus,
+                    negative_modifier=lambda: bool(qt.QApplication.keyboardModifiers() & qt.Qt.ShiftModifier))
+            self.logic.startController(self._controller, self._parameterNode)
+            self._timer.start()
+            self._showStatus(_("Segmenting {segment}: place points or a box in any slice view").format(
+                segment=self._parameterNode.segmentID))
 
-            self._observer = PromptObserver(self._onPromptsChanged, p.positivePoints, p.negativePoints, p.box)
-            self.ui.statusLabel.text = _("Segmenting {segment} on {axis} slices").format(segment=p.segmentID,
-                                                                                          axis=axis)
+    def _tool(self, tool: str) -> None:
+        if self._controller is None or not self._controller.started:
+            self.onStart()
+        if self._controller is not None and self._controller.started:
+            self._controller.set_tool(tool)
 
-    def _onPromptsChanged(self) -> None:
-        if self._segmenter is None:
+    def _call(self, failure: str, method: str, *args) -> None:
+        if self._controller is None or not self._controller.started:
             return
-        modifiers = qt.QApplication.keyboardModifiers()
-        if modifiers & qt.Qt.ShiftModifier and self._observer.move_last_point("positive", "negative"):
-            return  # the move fires its own events
-        try:
-            futures = self._segmenter.prompts_changed(self._observer.read())
-        except Exception as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        for future in futures:
-            self._watch(future, self._segmenter.apply)
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            getattr(self._controller, method)(*args)
 
-    def onAccept(self) -> None:
-        if self._segmenter is not None:
-            with slicer.util.tryWithErrorDisplay(_("Accept failed."), waitCursor=True):
-                self._segmenter.accept()
-                self._clearPrompts()
+    def _showStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
-    def onClear(self) -> None:
-        if self._segmenter is not None:
-            self._segmenter.clear()
-            self._clearPrompts()
-
-    def onUndo(self) -> None:
-        if self._segmenter is not None:
-            with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
-                self._segmenter.undo()
-                self._clearPrompts()
-
-    def onUndoPrompt(self) -> None:
-        if self._observer is not None:
-            self._observer.remove_last_point()
-
-    def _clearPrompts(self) -> None:
-        if self._observer is not None:
-            segmenter, self._segmenter = self._segmenter, None  # removing markups must not re-segment
-            self._observer.clear()
-            self._segmenter = segmenter
-
-    def onPropagate(self, direction: str) -> None:
-        if self._segmenter is None:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
-            import threading
-
-            self._cancel = threading.Event()
-            self._watch(self._segmenter.propagate(direction, cancel=self._cancel), self._segmenter.apply_propagation)
+    def _poll(self) -> None:
+        """Qt timer on the main thread: apply finished results (never waits on the model)."""
+        if self._controller is not None:
+            self._controller.poll()
+            self.ui.progressBar.setVisible(self._controller.busy)
+            if self._controller.last_latency_ms is not None and not self._controller.busy:
+                self.ui.statusLabel.toolTip = _("last update {ms:.0f} ms").format(
+                    ms=self._controller.last_latency_ms)
+        if self._batch is not None:
+            for result in self._batch.apply_ready():
+                if result.error:
+                    logging.error("SAMUNet batch: %s: %s", result.target.volume_name, result.error)
+            done, total, message = self._batch.progress()
+            self.ui.progressBar.maximum, self.ui.progressBar.value = total, done
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = message
+            if self._batch.future is not None and self._batch.future.done() and done >= total:
+                self._batch.apply_ready()
+                self._batch = None
+                self.ui.progressBar.hide()
 
     def onBatch(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Batch failed."), waitCursor=True):
             if not self._ensureDependencies():
                 return
             self._batch = self.logic.startBatch(self._parameterNode, propagate=self.ui.batchPropagateCheckBox.checked)
-            self._watch(self._batch.future, lambda _count: self._batch.apply_ready())
+            self._timer.start()
 
     def onCancel(self) -> None:
-        if getattr(self, "_cancel", None) is not None:
-            self._cancel.set()
         if self._batch is not None:
             self._batch.cancel()
-
-    # -- results back on the main thread --------------------------------------------------------------------------
-    def _watch(self, future, onDone) -> None:
-        self._pending.append((future, onDone))
-        if self._pendingSince is None:
-            self._pendingSince = time.monotonic()
-        self._timer.start()
-
-    def _checkPending(self) -> None:
-        """Qt timer on the main thread: apply finished futures; never waits on one."""
-        if self._batch is not None:
-            self._batch.apply_ready()
-            done, total, message = self._batch.progress()
-            self.ui.progressBar.maximum, self.ui.progressBar.value = total, done
-            self.ui.statusLabel.text = message
-        still = []
-        for future, onDone in self._pending:
-            if not future.done():
-                still.append((future, onDone))
-                continue
-            if future.cancelled():
-                continue
-            exc = future.exception()
-            if exc is not None:
-                slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=exc))
-                continue
-            try:
-                onDone(future.result())
-            except Exception as error:
-                logging.exception("applying a result failed")
-                slicer.util.errorDisplay(str(error))
-        self._pending = still
-        if still and time.monotonic() - self._pendingSince > PROGRESS_DELAY_S:
-            self.ui.progressBar.show()
-        if not still:
-            self._pendingSince = None
-            self.ui.progressBar.hide()
-            self._timer.stop()
-            if self._segmenter is not None and self._segmenter.last_latency_ms is not None:
-                self.ui.statusLabel.text = _("Updated in {ms:.0f} ms").format(ms=self._segmenter.last_latency_ms)
 
     # -- dependencies ---------------------------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
@@ -320,14 +274,6 @@ class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.installRequirements(needed)
         return not missing()
 
-    def _stopSegmenter(self) -> None:
-        if self._observer is not None:
-            self._observer.remove()
-            self._observer = None
-        if self._segmenter is not None:
-            self._segmenter.close()
-            self._segmenter = None
-
 
 class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
     """Module logic: parameter node, model loading, dependency installs; the MRML work is in SAMUNetSlicerLib."""
@@ -339,17 +285,6 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return SAMUNetSlicerParameterNode(super().getParameterNode())
-
-    def ensurePromptNodes(self, parameterNode) -> None:
-        """Create the prompt markups once per scene (saved with it), coloured green/red/yellow."""
-        for role, cls, name, color in (("positivePoints", "vtkMRMLMarkupsFiducialNode", "SAMUNet +", (0, 1, 0)),
-                                       ("negativePoints", "vtkMRMLMarkupsFiducialNode", "SAMUNet -", (1, 0, 0)),
-                                       ("box", "vtkMRMLMarkupsROINode", "SAMUNet box", (1, 1, 0))):
-            if getattr(parameterNode, role) is None:
-                node = slicer.mrmlScene.AddNewNodeByClass(cls, name)
-                node.CreateDefaultDisplayNodes()
-                node.GetDisplayNode().SetSelectedColor(*color)
-                setattr(parameterNode, role, node)
 
     def predictor(self, model: str, device: str):
         key = (model, device)
@@ -367,17 +302,6 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
         return self._cache
 
     @staticmethod
-    def viewAxis(volumeNode) -> str:
-        """Orientation of the Red view, or axial."""
-        from SAMUNetSlicerLib.geometry import view_axis
-
-        layout = slicer.app.layoutManager() if hasattr(slicer, "app") else None
-        if layout is None:
-            return "axial"
-        sliceNode = layout.sliceWidget("Red").mrmlSliceNode()
-        return view_axis(sliceNode)
-
-    @staticmethod
     def maskSettings():
         """The Segment Editor's current masking (its parameter node), or safe defaults."""
         from SAMUNetSlicerLib.masking import MaskSettings
@@ -386,25 +310,34 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
         return MaskSettings.from_segment_editor_node(node)
 
     @staticmethod
-    def segmentEditorUndoHook():
-        """Segment Editor widget's saveStateForUndo when the Segment Editor module is loaded."""
+    def segmentEditorUndo(segmentationNode):
+        """The Segment Editor's saveStateForUndo when the editor holds this segmentation (else None, so another
+        segmentation's undo history is never touched)."""
         try:
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-            return editor.saveStateForUndo
         except Exception:
             return None
+        if editor.segmentationNode() is not segmentationNode:
+            return None
+        return editor.saveStateForUndo
 
-    def createSegmenter(self, parameterNode, axis: str = "axial", predictor=None):
-        from samunet_core.errors import InputError
-        from SAMUNetSlicerLib.interactive import CorrectionMode, InteractiveSegmenter
+    def createController(self, parameterNode, status=None, negative_modifier=None, predictor=None):
+        """An InteractionController for this scene (usable without the widget, e.g. from the Python console)."""
+        from SAMUNetSlicerLib.controller import InteractionController
 
         p = parameterNode
-        if p.inputVolume is None or p.segmentation is None or not p.segmentID:
-            raise InputError("choose a volume, a segmentation and a segment first")
-        return InteractiveSegmenter(
-            p.inputVolume, p.segmentation, p.segmentID, predictor or self.predictor(p.model, p.device), axis=axis,
-            cache=self.cache(), settings=self.maskSettings, save_state_for_undo=self.segmentEditorUndoHook(),
-            correction=CorrectionMode(p.correction))
+        return InteractionController(slicer.mrmlScene, predictor or self.predictor(p.model or None, p.device),
+                                     cache=self.cache(), settings=self.maskSettings,
+                                     undo_history=self.segmentEditorUndo, negative_modifier=negative_modifier,
+                                     status=status)
+
+    def startController(self, controller, parameterNode) -> None:
+        """Bind the parameter node's volume, segmentation and segment; prompt nodes are created once per scene."""
+        p = parameterNode
+        controller.predictor = self.predictor(p.model or None, p.device)
+        controller.start(p.inputVolume, p.segmentation, p.segmentID, p.positivePoints, p.negativePoints,
+                         mode=p.correction)
+        p.positivePoints, p.negativePoints = controller.positive_node, controller.negative_node
 
     def startBatch(self, parameterNode, propagate: bool = False, predictor=None, volumes=None):
         from SAMUNetSlicerLib.batch import BatchRunner, make_targets
@@ -438,60 +371,60 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class SAMUNetSlicerTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: the same Logic and Lib, real model, real sample CT, real assertions."""
+    """Runs inside Slicer: the Logic and the Lib's controller, the default model, the sample CT, real assertions."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_box_prompt_writes_one_slice_with_undo_and_provenance()
+        self.test_box_in_red_view_writes_one_slice_with_undo_and_provenance()
 
-    def test_box_prompt_writes_one_slice_with_undo_and_provenance(self):
+    def test_box_in_red_view_writes_one_slice_with_undo_and_provenance(self):
         import numpy as np
         import SampleData
 
         from SAMUNetSlicerLib.dependencies import missing
-        from SAMUNetSlicerLib.prompts import read_prompts
+        from SAMUNetSlicerLib.replay import place_box
 
         if missing():
-            self.fail("install the dependencies first (module panel > Install dependencies): "
-                      + ", ".join(r.name for r in missing()))
+            self.skipTest("dependencies not installed (module panel > Install dependencies): "
+                          + ", ".join(r.name for r in missing()))
         self.delayDisplay("Loading CTChest")
         volume = SampleData.downloadSample("CTChest")
         volume.GetDisplayNode().AutoWindowLevelOff()
         volume.GetDisplayNode().SetWindowLevel(1500, -600)
         logic = SAMUNetSlicerLogic()
         p = logic.getParameterNode()
-        logic.ensurePromptNodes(p)
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         seg.CreateDefaultDisplayNodes()
         p.inputVolume, p.segmentation = volume, seg
         p.segmentID = seg.GetSegmentation().AddEmptySegment("lung")
         p.device = "cpu"
-        segmenter = logic.createSegmenter(p, "axial")
+        controller = logic.createController(p)
         try:
-            frame = segmenter.frame
+            logic.startController(controller, p)
+            frame = controller.frame("axial")
             k = frame.n_slices // 2
             rows, cols = frame.slice_shape
-            corners = frame.display_to_world(np.array([[k, rows * 0.3, cols * 0.15], [k, rows * 0.7, cols * 0.48]]))
-            p.box.SetCenterWorld(*corners.mean(0))
-            p.box.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0, 0, 1]))
-            futures = segmenter.prompts_changed(read_prompts(None, None, p.box))
-            self.assertEqual(len(futures), 1)
-            self.assertTrue(segmenter.apply(futures[0].result(timeout=300)))
+            lo, hi = frame.display_to_world(np.array([[k, rows * 0.3, cols * 0.15], [k, rows * 0.7, cols * 0.48]]))
+            red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+            red.SetOrientation("Axial")
+            red.JumpSliceByOffsetting(*((lo + hi) / 2))
+            place_box(controller.set_tool("box"), np.minimum(lo, hi), np.maximum(lo, hi))
+            controller.wait(timeout=300)
+            self.assertEqual(controller.errors, [])
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg, p.segmentID, volume)
             plane = frame.slice_of(mask, k)
-            self.assertGreater(plane.sum(), 100)
-            self.assertEqual(mask.sum(), plane.sum())
-            segmenter.accept()
+            self.assertGreater(plane.sum(), 0.2 * (rows * 0.4) * (cols * 0.33))  # a lung fills much of its box
+            self.assertEqual(mask.sum(), plane.sum())  # nothing outside the prompted slice
+            controller.accept()
             value = vtk.reference("")
             self.assertTrue(seg.GetSegmentation().GetSegment(p.segmentID).GetTag("SAMUNet.Model", value))
-            self.assertEqual(str(value), p.model)
-            segmenter.undo()
+            self.assertEqual(str(value), controller.predictor.model_id)
+            controller.undo()
             self.assertEqual(slicer.util.arrayFromSegmentBinaryLabelmap(seg, p.segmentID, volume).sum(), 0)
         finally:
-            segmenter.close()
+            controller.close()
         self.delayDisplay("Test passed")
-

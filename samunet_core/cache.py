@@ -33,6 +33,12 @@ def content_hash(array: np.ndarray, *extra: Any) -> str:
     return digest.hexdigest()
 
 
+def volume_key(slices_u8: np.ndarray, axis: str) -> str:
+    """Identity of a volume as the model sees it along one axis (S x H x W[x3] uint8 displayed slices): the CLI, the
+    Slicer module and the server key their sessions by it, so one disk cache serves all of them."""
+    return content_hash(np.ascontiguousarray(slices_u8), axis)
+
+
 @dataclass
 class CacheStats:
     hits: int = 0

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="volume files, DICOM series folders, or folders of either")
     parser.add_argument("--output-dir", required=True, help="folder for the outputs (created if missing)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompts", default=None, help="one prompt file for every volume")
+    source.add_argument("--prompts", default=None,
+                        help="one prompt file for every volume (JSON; format in docs/formats.md)")
     source.add_argument("--prompts-dir", default=None,
                         help=f"folder of per-volume prompt files named <volume-stem>{PROMPTS_SUFFIX} (default: "
                              "beside each volume)")

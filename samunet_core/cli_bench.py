@@ -9,7 +9,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from samunet_core.registry import DEFAULT_MODEL
 
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--out", required=True, help="JSON file to write (keys in docs/formats.md)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto",
                         help="auto (CPU, plus CUDA when present), cpu or cuda (default: auto)")

@@ -10,11 +10,13 @@ PROTOCOL_CHOICES = ("box", "point1", "point3", "point5", "propagate")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from samunet_core.registry import DEFAULT_MODEL
 
-    parser.add_argument("manifest", help="evaluation manifest (JSON; format in shared/data/README.md)")
+    parser.add_argument("manifest", help="evaluation manifest (JSON; format in docs/formats.md)")
     parser.add_argument("--protocol", required=True, choices=PROTOCOL_CHOICES,
                         help="box: tight box of the largest component; pointN: N simulated clicks; "
                              "propagate: box on the largest slice carried through 3D volumes")
-    parser.add_argument("--out", required=True, help="output folder for results.csv, summary.json and overlays/")
+    parser.add_argument("--out", required=True,
+                        help="output folder for results.csv, summary.json and overlays/ (columns and keys in "
+                             "docs/formats.md)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", default=None, help="weights file for models that take a user checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -30,14 +30,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="NIfTI/NRRD volume, DICOM series folder, or PNG/JPEG image")
-    parser.add_argument("--prompts", required=True, help="prompt file (JSON, see DESIGN.md)")
+    parser.add_argument("--prompts", required=True, help="prompt file (JSON; format in docs/formats.md)")
     parser.add_argument("--output", required=True,
                         help="output file; its extension picks the format: .seg.nrrd, .nii.gz/.nii/.nrrd labelmap, "
-                             ".png (2D input), .dcm (DICOM SEG, DICOM series input)")
+                             ".png (2D input), .dcm (DICOM SEG, DICOM series input); see docs/formats.md")
     parser.add_argument("--overlay", default=None, help="also write a PNG of the prompted slice(s) with contours")
     parser.add_argument("--edit", default=None, metavar="EXISTING",
                         help="correct this segmentation (.seg.nrrd, labelmap or DICOM SEG): the prompt file's "
-                             "segments are changed on their prompted slices, every other segment is kept as it is")
+                             "segments are changed on their prompted slices (each segment's \"mode\": add, the "
+                             "default for an existing segment, remove or replace; docs/formats.md), every other "
+                             "segment is kept as it is")
     add_model_arguments(parser)
 
 

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     parser.add_argument("--data-root", default="../shared/data",
-                        help="folder with train_manifest.json and manifest.json (default: ../shared/data)")
+                        help="folder with train_manifest.json and manifest.json (manifest format in docs/formats.md; "
+                             "default: ../shared/data)")
     parser.add_argument("--sam-med2d-json", action="append", default=[], metavar="JSON",
                         help="also train on an SA-Med2D image2label_train.json (repeatable)")
     parser.add_argument("--extra-manifest", action="append", default=[], metavar="JSON",

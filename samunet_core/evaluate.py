@@ -7,6 +7,7 @@ Protocols (DESIGN.md, shared/data/reference/README.md):
   spurious), all clicks so far given together with the previous logits as mask input.
 - propagate (3D cases only): a box on the axial slice where the label is largest, carried through the volume by
   `samunet_core.propagate`; scored with 3D Dice/NSD over the whole volume.
+Every protocol reaches the model through samunet_core.interaction, the prompt policy every front end uses.
 
 2D cases: each mask is a target. 3D cases: every (label, axial slice k) with at least 30 label voxels is a target; the
 slice is `array[k]` of the LPS-reoriented volume, windowed with the label's window (target_windows, else the case's).
@@ -228,25 +229,39 @@ class TimedPredictor:
         return out
 
 
+def _one_slice(predictor: TimedPredictor, embedding: Any) -> Any:
+    """A propagate.SliceDecoder whose only slice (0) is `embedding`, for the interaction module."""
+    from samunet_core.propagate import EmbeddingDecoder
+
+    return EmbeddingDecoder(predictor, lambda _k: embedding)
+
+
 def prompt_box(predictor: TimedPredictor, embedding: Any, ref: np.ndarray) -> Outcome:
-    """Box protocol on one HxW reference mask."""
+    """Box protocol on one HxW reference mask: the box alone through `interaction.decode_slice` (one model call)."""
+    from samunet_core.interaction import SlicePrompts, decode_slice
+
     box = metrics.tight_box(metrics.largest_component(ref))
-    out = predictor.predict(embedding, boxes=np.asarray([box], np.float64))
-    pred = out.masks[0]
-    return Outcome(pred, "box {} {} {} {}".format(*box), float(out.scores[0]), [metrics.dice(pred, ref)], box=box)
+    out = decode_slice(_one_slice(predictor, embedding), 0, SlicePrompts(boxes=(box,)))
+    pred = out.mask
+    return Outcome(pred, "box {} {} {} {}".format(*box), out.model.score, [metrics.dice(pred, ref)], box=box)
 
 
 def prompt_clicks(predictor: TimedPredictor, embedding: Any, ref: np.ndarray, n_clicks: int) -> Outcome:
-    """Point protocol with up to `n_clicks` clicks on one HxW reference mask (stops early if the mask is perfect)."""
+    """Point protocol with up to `n_clicks` clicks on one HxW reference mask (stops early if the mask is perfect).
+
+    The simulated user clicks, and each click is one `interaction.decode_step` with all clicks so far and the previous
+    logits: the sequence `interaction.decode_slice` runs on the final click list (rule 1)."""
+    from samunet_core.interaction import Click, SlicePrompts, decode_step
+
+    decoder = _one_slice(predictor, embedding)
     x, y = metrics.interior_point(metrics.largest_component(ref))
     clicks = [metrics.Click(x, y, True)]
+    prompts = SlicePrompts(clicks=(Click(x, y, True),))
     logits = None
     dices: list[float] = []
     while True:
-        points = np.asarray([[c.x, c.y] for c in clicks], np.float64)
-        labels = np.asarray([1 if c.positive else 0 for c in clicks], np.int64)
-        out = predictor.predict(embedding, points=points, labels=labels, mask_input=logits)
-        pred, logits = out.masks[0], out.logits
+        step = decode_step(decoder, 0, prompts, logits)
+        pred, logits = step.mask, step.logits
         dices.append(metrics.dice(pred, ref))
         if len(clicks) >= n_clicks:
             break
@@ -254,8 +269,9 @@ def prompt_clicks(predictor: TimedPredictor, embedding: Any, ref: np.ndarray, n_
         if click is None:
             break
         clicks.append(click)
+        prompts = prompts.with_click(Click(click.x, click.y, click.positive))
     prompt = ";".join(f"point{'+' if c.positive else '-'} {c.x} {c.y}" for c in clicks)
-    return Outcome(pred, prompt, float(out.scores[0]), dices, clicks=clicks)
+    return Outcome(pred, prompt, step.score, dices, clicks=clicks)
 
 
 def run_protocol(protocol: str, predictor: TimedPredictor, embedding: Any, ref: np.ndarray) -> Outcome:
@@ -518,10 +534,11 @@ class _RecordingDecoder:
 
 
 def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTargets) -> Iterator[Row]:
-    """One row per label: a box on the label's largest axial slice, carried through the volume by
-    `samunet_core.propagate.propagate_from_box`; 3D Dice and NSD over the whole volume."""
+    """One row per label: a box on the label's largest axial slice (`interaction.decode_slice`), carried through the
+    volume by `interaction.propagate_from_seeds`; 3D Dice and NSD over the whole volume."""
     from samunet_core.cache import EmbeddingCache
-    from samunet_core.propagate import propagate_from_box, stack
+    from samunet_core.interaction import SlicePrompts, decode_slice, propagate_from_seeds
+    from samunet_core.propagate import stack
 
     volume = read_volume(case)
     _check_labels_present(case, volume.labels)
@@ -545,7 +562,8 @@ def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTarg
         lcc = metrics.largest_component(ref3d[k_start])
         box = metrics.tight_box(lcc)
         decoder = _RecordingDecoder(predictor, lambda k, w=window: embedding_of(k, w))
-        masks = propagate_from_box(decoder, n_slices, k_start, np.asarray(box, np.float64))
+        seed = decode_slice(decoder, k_start, SlicePrompts(boxes=(box,)))
+        masks = propagate_from_seeds(decoder, n_slices, {k_start: seed.model})
         pred = stack(masks, n_slices, shape)
         reached = sorted(masks)
         scores = [score for _, score in decoder.calls]

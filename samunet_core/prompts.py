@@ -6,11 +6,15 @@
  "segments": [{"name": "liver", "color": [r, g, b],             # colour 0..1, optional
                "points": [{"position": [x, y, z], "positive": true}, ...],
                "boxes": [{"corners": [[x0, y0, z0], [x1, y1, z1]]}, ...],
-               "propagate": true}]}                              # default false
+               "propagate": true,                                # default false
+               "mode": "replace" | "add" | "remove"}]}           # optional, see below
 ```
 RAS/LPS are mm, IJK a 0-based voxel index of the volume's own grid, pixel is (x=col, y=row) in a displayed slice:
 [x, y] for a 2D image, [x, y, s] for slice s of a volume along `axis`. A box whose corners fall on one slice is a 2D
 box there; corners on different slices make a 3D box that prompts every slice between them.
+"mode" says how the segment's prompted slices combine with a segment of that name in the segmentation being edited
+(`--edit`): "add" (the default for a segment that exists there), "replace" (the default otherwise) or "remove"; see
+samunet_core.interaction.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from typing import Any
 import numpy as np
 
 from samunet_core.errors import InputError
+from samunet_core.interaction import Click, Mode, SlicePrompts
 from samunet_core.transforms import AXES, SliceFrame
 
 COORDINATES = ("RAS", "LPS", "IJK", "pixel")
 _TOP_KEYS = ("coordinates", "axis", "segments")
-_SEGMENT_KEYS = ("name", "color", "points", "boxes", "propagate")
+_SEGMENT_KEYS = ("name", "color", "points", "boxes", "propagate", "mode")
+MODES = tuple(m.value for m in Mode)
 _POINT_KEYS = ("position", "positive")
 _BOX_KEYS = ("corners",)
 
@@ -69,13 +75,15 @@ class SliceBox:
 
 @dataclass
 class SegmentPrompts:
-    """All prompts of one segment, in displayed-slice coordinates."""
+    """All prompts of one segment, in displayed-slice coordinates. mode: None when the file names none (the front end
+    picks: "add" for a segment being edited, else "replace")."""
 
     name: str
     color: tuple[float, float, float] | None = None
     points: list[SlicePoint] = field(default_factory=list)
     boxes: list[SliceBox] = field(default_factory=list)
     propagate: bool = False
+    mode: Mode | None = None
 
     def prompted_slices(self) -> list[int]:
         """Sorted slice indices that carry at least one prompt (every slice of a 3D box)."""
@@ -94,6 +102,11 @@ class SegmentPrompts:
         """Bx4 float (x0, y0, x1, y1) of the boxes covering slice `s` (B may be 0)."""
         return np.array([b.xyxy for b in self.boxes if b.covers(s)], dtype=np.float64).reshape(-1, 4)
 
+    def slice_prompts(self, s: int) -> SlicePrompts:
+        """Slice `s`'s prompts for samunet_core.interaction: the boxes covering it and its clicks, in file order."""
+        return SlicePrompts(tuple(b.xyxy for b in self.boxes if b.covers(s)),
+                            tuple(Click(p.x, p.y, p.positive) for p in self.points if p.s == s))
+
 
 @dataclass
 class PromptFile:
@@ -106,7 +119,7 @@ class PromptFile:
 
 
 @dataclass
-class SlicePrompts:
+class ResolvedPrompts:
     """Prompts of every segment converted to the displayed slices of one volume along `axis`."""
 
     axis: str
@@ -161,7 +174,7 @@ def _bool(value: Any, source: str, where: str) -> bool:
 
 def parse_prompts(data: Any, source: str = "prompt file") -> PromptFile:
     """Validate the JSON structure of DESIGN.md's prompt file; fills defaults (axis axial, positive true,
-    propagate false, color None). Coordinates are checked against the image later, by `resolve_prompts`."""
+    propagate false, color None, mode None). Coordinates are checked against the image later, by `resolve_prompts`."""
     _check_keys(data, _TOP_KEYS, source, "top level")
     if "coordinates" not in data:
         raise _fail(source, "top level", f'missing "coordinates"; add one of {", ".join(COORDINATES)}')
@@ -224,7 +237,14 @@ def parse_prompts(data: Any, source: str = "prompt file") -> PromptFile:
         if not points and not boxes:
             raise _fail(source, where, 'has no prompts; add "points" or "boxes"')
         propagate = _bool(segment.get("propagate", False), source, f"{where} propagate")
-        parsed.append({"name": name, "color": color, "points": points, "boxes": boxes, "propagate": propagate})
+        mode = segment.get("mode")
+        if mode is not None:
+            if not isinstance(mode, str) or mode.lower() not in MODES:
+                raise _fail(source, f"{where} mode", f"unknown value {json.dumps(mode)}; use one of "
+                            f"{', '.join(MODES)} (or leave it out: add when editing an existing segment, else replace)")
+            mode = mode.lower()
+        parsed.append({"name": name, "color": color, "points": points, "boxes": boxes, "propagate": propagate,
+                       "mode": mode})
     return PromptFile(coordinates=coordinates, axis=axis, segments=parsed, source=source)
 
 
@@ -266,7 +286,8 @@ def _extent(prompts: PromptFile, frame: SliceFrame) -> str:
 
 
 def _inside(prompts: PromptFile, frame: SliceFrame, srowcol: np.ndarray, name: str, what: str, position) -> np.ndarray:
-    """Check a continuous (s, row, col) is inside the image (its nearest voxel exists); return it clamped."""
+    """Check a continuous (s, row, col) is inside the image (its nearest voxel exists); return it clamped and rounded
+    to 1e-4 px."""
     limits = (frame.n_slices, *frame.slice_shape)
     nearest = np.floor(np.round(srowcol, 6) + 0.5)
     if np.any(nearest < 0) or np.any(nearest > np.array(limits) - 1):
@@ -274,10 +295,19 @@ def _inside(prompts: PromptFile, frame: SliceFrame, srowcol: np.ndarray, name: s
             f"{prompts.source}: segment {name!r}: {what} {list(position)} ({prompts.coordinates}) is outside the "
             f"image, whose extent is {_extent(prompts, frame)}"
         )
-    return np.clip(srowcol, 0, np.array(limits, dtype=np.float64) - 1)
+    # Rounded to 1e-4 px: the same prompt reached through another frame (RAS from a Slicer markup, IJK from a file)
+    # then gives the same pixels, where float noise (17.9999991 vs 18) would move the model's truncated grid box.
+    return np.round(np.clip(srowcol, 0, np.array(limits, dtype=np.float64) - 1), 4)
 
 
-def resolve_prompts(prompts: PromptFile, frame: SliceFrame) -> SlicePrompts:
+def slice_position(prompts: PromptFile, frame: SliceFrame, position: list[float], segment: str = "",
+                   what: str = "point") -> np.ndarray:
+    """One position in the file's coordinates -> (s, row, col) continuous displayed-slice pixels of `frame`, checked
+    to lie in the image (InputError naming the segment otherwise): how `replay` places a file's prompts as markups."""
+    return _inside(prompts, frame, _to_slice(prompts, frame, position), segment, what, position)
+
+
+def resolve_prompts(prompts: PromptFile, frame: SliceFrame) -> ResolvedPrompts:
     """Convert every prompt to displayed-slice coordinates of `frame` (whose axis must be the file's axis).
     InputError names the segment, the prompt and the image extent for a prompt outside the image."""
     if frame.axis != prompts.axis:
@@ -297,12 +327,13 @@ def resolve_prompts(prompts: PromptFile, frame: SliceFrame) -> SlicePrompts:
             s0, s1 = sorted(int(np.floor(v + 0.5)) for v in (c0[0], c1[0]))
             boxes.append(SliceBox(s0=s0, s1=s1, x0=float(min(c0[2], c1[2])), y0=float(min(c0[1], c1[1])),
                                   x1=float(max(c0[2], c1[2])), y1=float(max(c0[1], c1[1]))))
+        mode = segment.get("mode")
         out.append(SegmentPrompts(name=name, color=segment["color"], points=points, boxes=boxes,
-                                  propagate=segment["propagate"]))
-    return SlicePrompts(axis=frame.axis, n_slices=frame.n_slices, slice_shape=frame.slice_shape, segments=out)
+                                  propagate=segment["propagate"], mode=Mode(mode) if mode is not None else None))
+    return ResolvedPrompts(axis=frame.axis, n_slices=frame.n_slices, slice_shape=frame.slice_shape, segments=out)
 
 
-def load_prompts(path: str | os.PathLike, volume) -> SlicePrompts:
+def load_prompts(path: str | os.PathLike, volume) -> ResolvedPrompts:
     """Read a prompt file and convert it for `volume` (a samunet_core.io.volumes.Volume) along the file's axis."""
     prompts = read_prompt_file(path)
     return resolve_prompts(prompts, volume.frame(prompts.axis))

@@ -171,6 +171,107 @@ def get_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Availability: can a model run here, and if not, what does the user do about it (no weights are loaded or hashed)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelStatus:
+    """Whether model `name` has its weights here, found without importing torch or hashing files.
+
+    reason: empty when available; otherwise what is missing and what to do, in words a GUI user can act on.
+    weights_path: the file the model would load, or where it is expected; env_var: the environment variable the
+    registry reads for a user-supplied checkpoint; package: the pip distribution that provides (base) weights.
+    missing: what is missing when not available: "package" (install `package`), "file" (a weights file at
+    `weights_path` that ships with samunet-core) or "checkpoint" (a user checkpoint named by `env_var`).
+    A present file can still fail its sha256 check at load time (`load_model` verifies it).
+    """
+
+    name: str
+    available: bool
+    reason: str = ""
+    weights_path: Path | None = None
+    env_var: str | None = None
+    package: str | None = None
+    missing: str = ""
+
+
+def _package_status(name: str, source: PackagedWeights, what: str) -> ModelStatus:
+    path = source.locate()
+    if path is not None:
+        return ModelStatus(name, True, "", path, package=source.distribution)
+    try:
+        importlib.metadata.distribution(source.distribution)
+        problem = f"the Python package {source.distribution} is installed but lacks {source.relative_path}"
+        action = "reinstall it"
+    except importlib.metadata.PackageNotFoundError:
+        problem = f"the Python package {source.distribution} is not installed in this Python"
+        action = "install it"
+    return ModelStatus(name, False, f"{what} come from {source.distribution}, and {problem}: {action} with "
+                       f"`{source.install_hint}`.", None, package=source.distribution, missing="package")
+
+
+def _user_checkpoint_status(spec: ModelSpec, source: UserCheckpoint) -> ModelStatus:
+    name = spec.name
+    path = source.locate()
+    if path is not None:
+        return ModelStatus(name, True, "", path, env_var=source.env_var)
+    value = os.environ.get(source.env_var)
+    how = (f"set the environment variable {source.env_var} to the checkpoint file's full path (before starting the "
+           f"program, or in 3D Slicer's Python console: import os; os.environ['{source.env_var}'] = "
+           "r'/path/to/checkpoint.pth')")
+    if value:
+        return ModelStatus(name, False, f"{source.env_var} is set to {value}, but there is no file there: {how}.",
+                           Path(value), env_var=source.env_var, missing="checkpoint")
+    what = ("the SAM-UNet authors published no trained weights, so it runs only with a checkpoint you supply "
+            "(SAM-UNet's format: {'model': state_dict})") if spec.family == "samunet" else source.hint
+    return ModelStatus(name, False, f"{name} has no weights here: {what}. To use one, {how}.", None,
+                       env_var=source.env_var, missing="checkpoint")
+
+
+def model_status(name: str) -> ModelStatus:
+    """Is model `name` runnable here? Looks for its files only (no torch, no weights loaded, no checksums)."""
+    spec = get_spec(name)
+    weights = spec.weights
+    if isinstance(weights, PackagedWeights):
+        return _package_status(name, weights, f"the {name} weights")
+    if isinstance(weights, UserCheckpoint):
+        return _user_checkpoint_status(spec, weights)
+    bundled = bundled_weight_files(name)
+    if bundled:  # a fine-tuned delta shipped inside samunet_core on top of the packaged LiteMedSAM base weights
+        from samunet_core.train.weights_source import base_weights
+
+        base = _package_status(name, base_weights(), f"the LiteMedSAM base weights that {name} builds on")
+        if not base.available:
+            return ModelStatus(name, False, base.reason, bundled[0], package=base.package, missing="package")
+        missing = [path for path in bundled if not path.is_file()]
+        if missing:
+            return ModelStatus(name, False, f"the fine-tuned weights file {missing[0]} is missing; it ships with "
+                               "samunet-core and the SAMUNetSlicer extension: reinstall them (or copy "
+                               f"{missing[0].name} to {missing[0].parent}).", missing[0], package=base.package,
+                               missing="file")
+        return ModelStatus(name, True, "", bundled[0], package=base.package)
+    path = weights.locate()  # any other source with the locate/require/status interface
+    if path is not None:
+        return ModelStatus(name, True, "", path)
+    return ModelStatus(name, False, f"the weights of {name} are not found ({weights.status()}).", missing="file")
+
+
+def model_statuses() -> list[ModelStatus]:
+    """`model_status` of every registered model, the default model first."""
+    names = sorted(model_names(), key=lambda n: n != DEFAULT_MODEL)
+    return [model_status(name) for name in names]
+
+
+def bundled_weight_files(name: str) -> list[Path]:
+    """Weight files of model `name` that live inside the samunet_core package (so must ship with it); [] if none."""
+    from samunet_core.train.weights_source import WEIGHTS_DIR, LiteMedSAMDeltaWeights
+
+    weights = get_spec(name).weights
+    if isinstance(weights, LiteMedSAMDeltaWeights):
+        return [WEIGHTS_DIR / weights.filename]
+    return []
+
+
 def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, trust: bool = False,
                sam_vit_b: str | os.PathLike | None = None) -> tuple[Any, WeightsInfo]:
     """Build model `name` and load its weights strictly on the CPU.

@@ -1,19 +1,19 @@
 """The volume-level job behind `samunet segment`, `samunet batch` and the Slicer Lib.
 
-read volume -> window to 8-bit -> per-segment prompts on displayed slices -> predictor through a VolumeSession ->
-propagate -> masks back on the volume's own voxel grid -> Segmentation (optionally merged into an existing one for
-`--edit`) -> written atomically in the format the output's extension names.
+read volume -> window to 8-bit -> per-segment prompts on displayed slices -> the prompt policy
+(samunet_core.interaction.segment_slices) through a VolumeSession -> masks back on the volume's own voxel grid ->
+Segmentation (optionally merged into an existing one for `--edit`) -> written atomically in the format the output's
+extension names.
 
-Per segment and prompted slice: every box on the slice is decoded together with the slice's clicks and the masks are
-united; clicks without a box are decoded alone (LiteMedSAM answers points alone with empty masks; a warning says so).
-A 3D box prompts each slice inside it and nothing beyond. With "propagate": true the masks are carried through the
-volume from the prompted slices (samunet_core.propagate), except beyond a 3D box.
+How prompts become masks (the sequence of model calls on a slice, 3D boxes, propagation, and how a correction
+combines with the existing mask) is samunet_core.interaction's policy, the same for every front end and every
+`samunet eval` protocol.
 
-Correction (`edit`): a segment whose name exists in the edited segmentation is changed only on its prompted slices:
-boxes and positive clicks add what the model finds there (a click-only prompt is given the box of the existing mask
-and the positive clicks); negative clicks then remove: the slice is re-decoded with every click and the result
-intersected with it, and a negative click still inside the mask removes the island it lies on. Every other
-segment's voxels, names and colours are kept exactly; segments not in the file are added.
+Correction (`edit`): a segment whose name exists in the edited segmentation is changed only on the slices its prompts
+(and, with "propagate", its walk) reach, combined with the existing mask by the segment's "mode" (default "add":
+boxes and positive clicks add what the model finds, negative clicks remove their island; "remove" subtracts what the
+prompts mark; "replace" overwrites). Every other segment's voxels, names and colours are kept exactly; segments not in
+the file are added (mode default "replace").
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from samunet_core.errors import InputError
-from samunet_core.propagate import DEFAULT_PARAMS, PropagationParams, SliceMask, grow_box, mask_box, propagate_masks
+from samunet_core.propagate import DEFAULT_PARAMS, PropagationParams
 
 OUTPUT_FORMATS = ".seg.nrrd (Slicer segmentation), .nii/.nii.gz/.nrrd (labelmap), .png (2D inputs), " \
     ".dcm (DICOM SEG, DICOM series inputs)"
-EDIT_BOX_MARGIN = 3.0  # model-grid pixels around the existing mask and the clicks for a click-only correction
 
 
 def default_cache_dir() -> Path:
@@ -148,14 +147,14 @@ def open_session(volume: Any, predictor: Any, axis: str = "axial", *, window: tu
     The session's content key is a hash of the windowed slices, so the same volume, window and axis reuse the
     embeddings of `cache` (and of its disk store) across runs. Close the session when done.
     """
-    from samunet_core.cache import EmbeddingCache, content_hash
+    from samunet_core.cache import EmbeddingCache, volume_key
     from samunet_core.session import VolumeSession
 
     frame = volume.frame(axis)
     image_u8, used_window = window_volume(volume, window, preset)
     slices = frame.volume_to_slices(image_u8)
-    volume_key = content_hash(np.ascontiguousarray(slices), axis)
-    session = VolumeSession(predictor, lambda k: np.ascontiguousarray(slices[k]), frame.n_slices, volume_key,
+    key = volume_key(slices, axis)
+    session = VolumeSession(predictor, lambda k: np.ascontiguousarray(slices[k]), frame.n_slices, key,
                             cache=cache if cache is not None else EmbeddingCache(), axis=axis, prefetch_radius=0)
     return session, slices, used_window
 
@@ -168,6 +167,7 @@ def segment_volume(volume: Any, prompts: Any, predictor: Any, *, window: tuple[f
     edit: an existing Segmentation on the volume's grid to correct (see the module doc); None for a new one.
     cache: an EmbeddingCache (with a disk_dir, reruns need no encoding); None for a fresh in-memory one.
     """
+    from samunet_core.interaction import Mode, segment_slices
     from samunet_core.io.segmentations import Segment, Segmentation
     from samunet_core.prompts import resolve_prompts
 
@@ -189,9 +189,21 @@ def segment_volume(volume: Any, prompts: Any, predictor: Any, *, window: tuple[f
                 old = frame.volume_to_slices(np.asarray(existing.mask, bool).reshape(volume.geometry.array_shape)
                                              if not volume.is_2d else np.asarray(existing.mask, bool).reshape(
                                                  slice_shape))
-                masks = _edit_segment(session, seg, np.array(old, dtype=bool), warnings)
+                masks = np.array(old, dtype=bool).reshape(n_slices, *slice_shape)
+                mode = seg.mode or Mode.ADD
             else:
-                masks = _segment_one(session, seg, n_slices, slice_shape, params, warnings)
+                masks = np.zeros((n_slices, *slice_shape), dtype=bool)
+                mode = seg.mode or Mode.REPLACE
+                if mode is Mode.REMOVE:
+                    where = "the segmentation being edited" if edit is not None else "a new segmentation (no --edit)"
+                    warnings.append(f"segment {seg.name!r}: mode \"remove\" but the segment is not in {where}; "
+                                    "it stays empty")
+            results, seg_warnings = segment_slices(session, seg, n_slices, slice_shape,
+                                                   existing=masks if existing is not None else None, mode=mode,
+                                                   params=params)
+            warnings += seg_warnings
+            for k, mask in results.items():
+                masks[k] = mask
             slice_masks[seg.name] = masks
         encodes = session.stats.encodes
     finally:
@@ -212,83 +224,6 @@ def segment_volume(volume: Any, prompts: Any, predictor: Any, *, window: tuple[f
     segmentation = Segmentation(geometry=volume.geometry, segments=segments)
     return SegmentResult(segmentation, volume, prompts.axis, used_window, slices, slice_masks, resolved,
                          time.perf_counter() - t0, encodes, warnings)
-
-
-def _decode_slice(session: Any, seg: Any, k: int, warnings: list[str]) -> SliceMask:
-    """All prompts of one segment on slice k (boxes, each with the slice's clicks; or clicks alone) -> SliceMask."""
-    points, labels = seg.points_on(k)
-    boxes = seg.boxes_on(k)
-    clicks = {"points": points, "labels": labels} if len(points) else {}
-    if len(boxes):
-        out = session.predict(k, boxes=boxes, **clicks)
-        union = out.masks.any(axis=0)
-        best = int(np.argmax(out.masks.reshape(len(boxes), -1).sum(1)))
-        result = SliceMask(union, out.logits[best:best + 1], float(np.nanmean(out.scores)))
-    else:
-        out = session.predict(k, **clicks)
-        result = SliceMask(out.masks[0], out.logits[:1], float(out.scores[0]))
-    if not result.mask.any():
-        hint = "" if len(boxes) else " (this model needs a box: clicks alone give empty masks with LiteMedSAM)"
-        warnings.append(f"segment {seg.name!r}: slice {k} gave an empty mask{hint}")
-    return result
-
-
-def _segment_one(session: Any, seg: Any, n_slices: int, slice_shape: tuple[int, int], params: PropagationParams,
-                 warnings: list[str]) -> np.ndarray:
-    """S x H x W bool masks of one new segment."""
-    seeds = {k: _decode_slice(session, seg, k, warnings) for k in seg.prompted_slices()}
-    masks = np.zeros((n_slices, *slice_shape), dtype=bool)
-    if seg.propagate and n_slices > 1:
-        box3d_slices = {k for b in seg.boxes if b.is_3d for k in range(b.s0, b.s1 + 1)}
-        lowest, highest = min(seeds), max(seeds)
-        carried = propagate_masks(session, n_slices, seeds, params,
-                                  walk_below=lowest not in box3d_slices, walk_above=highest not in box3d_slices)
-        for k, mask in carried.items():
-            masks[k] = mask
-    else:
-        for k, seed in seeds.items():
-            masks[k] = seed.mask
-    return masks
-
-
-def _edit_segment(session: Any, seg: Any, old: np.ndarray, warnings: list[str]) -> np.ndarray:
-    """S x H x W bool: `old` corrected on the segment's prompted slices (see the module doc)."""
-    from scipy import ndimage
-
-    new = old.copy()
-    for k in seg.prompted_slices():
-        current = old[k]
-        points, labels = seg.points_on(k)
-        boxes = seg.boxes_on(k)
-        positive = points[labels == 1]
-        if len(boxes):
-            current = current | _decode_slice(session, seg, k, warnings).mask
-        elif len(positive):
-            box = _box_around(current, positive)
-            out = session.predict(k, boxes=box[None], points=points, labels=labels)
-            current = current | out.masks[0]
-        negative = points[labels == 0]
-        if len(negative) and current.any():
-            box = _box_around(current, positive)
-            refined = session.predict(k, boxes=box[None], points=points, labels=labels).masks[0]
-            current = current & refined
-            islands, _ = ndimage.label(current, structure=np.ones((3, 3), bool))
-            for x, y in negative:
-                island = islands[int(round(y)), int(round(x))]
-                if island:
-                    current = current & (islands != island)
-        new[k] = current
-    return new
-
-
-def _box_around(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Box (x0, y0, x1, y1) around a mask and some (x, y) points, grown by EDIT_BOX_MARGIN grid pixels."""
-    corners = [mask_box(mask).reshape(2, 2)] if mask.any() else []
-    if len(points):
-        corners.append(np.asarray(points, np.float64).reshape(-1, 2))
-    xy = np.concatenate(corners)
-    box = np.array([*xy.min(axis=0), *xy.max(axis=0)])
-    return grow_box(box, EDIT_BOX_MARGIN, mask.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A volume session: the slice asked for is encoded first, neighbours are prefetched on ONE persistent worker thread.
 
-All model work (encode and, through `submit`/`segment`, decode) runs on the session's single worker thread, so a GPU
-keeps one thread-local state and a GUI thread never runs the model. A request for a slice pre-empts a prefetch that
-is mid-encode (the encoder checks between its stages), so the caller waits for its own slice, not for a neighbour's.
+All model work (encode and, through `submit`/`segment`/`run`, decode) runs on the session's single worker thread, so
+a GPU keeps one thread-local state and a GUI thread never runs the model. A request for a slice pre-empts a prefetch
+that is mid-encode (the encoder checks between its stages), so the caller waits for its own slice, not for a
+neighbour's.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class VolumeSession:
         self._cond = threading.Condition()
         self._closed = False
         self._hot: dict[int, Embedding] = {}
+        self._decoder = _WorkerDecoder(self)
         self._worker = threading.Thread(target=self._work, name=f"samunet-session-{volume_key[:8]}", daemon=True)
         self._worker.start()
 
@@ -122,14 +124,17 @@ class VolumeSession:
     def segment(self, k: int, **prompts: Any) -> Future:
         """Future[Prediction] of prompts (points, labels, boxes, mask_input) on slice k, run on the worker."""
         self._check_index(k)
+        return self.submit(lambda: self._decoder.predict(k, **prompts))
 
-        def run() -> Prediction:
-            emb = self.cached(k)
-            if emb is None:
-                emb = self._encode(k, abortable=False)
-            return self.predictor.predict(emb, **prompts)
+    def run(self, fn: Callable[[Any], Any]) -> Future:
+        """Future of `fn(decoder)`, run on the worker thread ahead of prefetches. `decoder.predict(k, **prompts)`
+        (a propagate.SliceDecoder) uses slice k's cached embedding or encodes it right there, on the worker, so it
+        never waits on the worker itself; e.g. `session.run(lambda d: interaction.decode_slice(d, k, prompts))`."""
+        return self.submit(lambda: fn(self._decoder))
 
-        return self.submit(run)
+    def decode_key(self, k: int) -> tuple[str, str, str, str]:
+        """What `predict(k, ...)` answers from: the model, and slice k's embedding (encoder, volume content, axis:k)."""
+        return (self.predictor.model_id, *self.key(k))
 
     def predict(self, k: int, **prompts: Any) -> Prediction:
         """Prompts on slice k, decoded in the calling thread (CPU use: no thread hand-off for a cached slice)."""
@@ -268,6 +273,29 @@ class VolumeSession:
             job.future.set_result(produce())
         except BaseException as exc:  # handed to the caller through the future, never swallowed
             job.future.set_exception(exc)
+
+
+class _WorkerDecoder:
+    """The SliceDecoder handed to `VolumeSession.run`: on the worker thread a slice without an embedding is encoded
+    inline (a queued request would wait on the worker itself); from any other thread it behaves as
+    `VolumeSession.predict` (the encode goes through the worker, ahead of prefetches)."""
+
+    def __init__(self, session: VolumeSession) -> None:
+        self._session = session
+
+    def decode_key(self, k: int) -> tuple[str, str, str, str]:
+        return self._session.decode_key(k)
+
+    def predict(self, k: int, **prompts: Any) -> Prediction:
+        session = self._session
+        session._check_index(k)
+        if threading.current_thread() is not session._worker:
+            return session.predict(k, **prompts)
+        emb = session.cached(k)
+        if emb is None:
+            emb = session._encode(k, abortable=False)
+            session._remember(k, emb)
+        return session.predictor.predict(emb, **prompts)
 
 
 __all__ = ["VolumeSession", "SessionStats", "CancelledError"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Prompt-to-segment latency through the Slicer module's Lib path, with real MRML (slicer-core) and LiteMedSAM.
+"""Click-to-segment latency through the Slicer module's controller, with real MRML (slicer-core) and the default model.
 
-Measured from the markup change (an ROI moved: MRML event -> observer -> session worker -> decode) to the segment
-updated in the segmentation node. The first prompt on a slice includes its encode; later prompts reuse the cached
-embedding, which is the interactive case. Optionally writes an overlay screenshot of the result.
+Measured from a positive point placed (MRML event -> controller -> session worker -> decode) to the segment updated in
+the segmentation node. The first click on a slice includes its encode; later clicks reuse the cached embedding, which
+is the interactive case. Optionally writes an overlay screenshot of the result.
 
     .venv/bin/python scripts/slicer_latency.py [--repeats 20] \
         [--screenshot Resources/Screenshots/SAMUNetSlicer_lung.png]
@@ -16,7 +16,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -37,63 +36,45 @@ def main() -> int:
     import slicer
 
     from samunet_core.predictor import load_predictor
-    from SAMUNetSlicerLib.interactive import InteractiveSegmenter
-    from SAMUNetSlicerLib.prompts import PromptObserver
+    from SAMUNetSlicerLib.controller import InteractionController
+    from SAMUNetSlicerLib.replay import ReplayScene, place_point
 
-    scene = slicer.vtkMRMLScene()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    vol_logic = slicer.vtkSlicerVolumesLogic()
-    vol_logic.SetMRMLScene(scene)
-    slicer.mrmlScene = scene
-    slicer.modules = SimpleNamespace(segmentations=SimpleNamespace(logic=lambda: seg_logic),
-                                     volumes=SimpleNamespace(logic=lambda: vol_logic))
-    volume = vol_logic.AddArchetypeVolume(str(CT), "CTChest4", 0)
-    volume.GetDisplayNode().AutoWindowLevelOff()
-    volume.GetDisplayNode().SetWindowLevel(1500, -600)
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    mrml = ReplayScene()
+    window = (-1350.0, 150.0)
+    volume = mrml.load_volume(CT, window)
+    seg = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     seg.CreateDefaultDisplayNodes()
     segment_id = seg.GetSegmentation().AddEmptySegment("right lung")
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    controller = InteractionController(mrml.scene, load_predictor(None, device=args.device), prefetch_radius=0)
+    controller.start(volume, seg, segment_id, window=window)
+    frame = controller.frame("axial")
 
-    predictor = load_predictor("litemedsam", device=args.device)
-    segmenter = InteractiveSegmenter(volume, seg, segment_id, predictor, prefetch_radius=0)
-    pending: list = []
-
-    stages: list[dict] = []
-
-    def prompt(center) -> float:
+    def click(row: float, col: float) -> float:
+        """One positive click on slice K: markup event -> controller -> session worker -> segment written."""
+        ras = frame.display_to_world([[K, row, col]])[0]
+        mrml.show_slice("Red", ras)
         t0 = time.perf_counter()
-        roi.SetCenterWorld(*center)  # the MRML event drives everything from here
-        while pending:
-            update = pending.pop(0).result()
-            t1 = time.perf_counter()
-            segmenter.apply(update)
-            stages.append({**update.timings_ms, "model_ms": (t1 - t0) * 1e3,
-                           "write_ms": (time.perf_counter() - t1) * 1e3})
+        place_point(controller.positive_node, ras)
+        controller.wait()
         return (time.perf_counter() - t0) * 1e3
 
-    frame = segmenter.frame
-    corners = frame.display_to_world([[K, 31, 18], [K, 93, 66]])  # the right lung's box on slice 12
-    centre = corners.mean(0)
-    roi.SetCenterWorld(*(centre + [0, 0, 100.0]))  # placed off this slice first, then moved onto it
-    roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0, 0, 1.0]))
-    observer = PromptObserver(lambda: pending.extend(segmenter.prompts_changed(observer.read())), roi_node=roi)
-    cold = prompt(centre + [0.5, 0, 0])
-    warm = [prompt(centre + [((i % 5) - 2) * 1.5, 0, 0]) for i in range(args.repeats)]
+    cold = click(62, 40)  # includes the slice's encode
+    warm = []
+    for i in range(args.repeats):
+        controller.clear()  # each measured click is the first of its sequence: one decode
+        warm.append(click(58 + (i % 5), 38 + (i % 3)))
     mask = frame.slice_of(slicer.util.arrayFromSegmentBinaryLabelmap(seg, segment_id, volume), K)
-    report = {"device": args.device, "volume": CT.name, "slice": K, "cold_ms_with_encode": round(cold, 1),
+    report = {"device": args.device, "model": controller.predictor.model_id, "volume": CT.name, "slice": K,
+              "cold_ms_with_encode": round(cold, 1),
               "warm_ms": {"p50": round(float(np.percentile(warm, 50)), 1),
                           "p95": round(float(np.percentile(warm, 95)), 1), "n": len(warm)},
-              "warm_stages_ms_p50": {key: round(float(np.median([s[key] for s in stages[-len(warm):]])), 1)
-                                     for key in stages[-1]},
               "mask_pixels": int(mask.sum())}
     print(json.dumps(report, indent=1))
     if args.screenshot:
-        write_overlay(segmenter.view.slice_uint8(K), mask > 0, frame, corners, K, args.screenshot)
-    observer.remove()
-    segmenter.close()
+        corners = frame.display_to_world([[K, 31, 18], [K, 93, 66]])
+        write_overlay(controller._view("axial").slice_uint8(K), mask > 0, frame, corners, K, args.screenshot)
+    controller.close()
     return 0
 
 

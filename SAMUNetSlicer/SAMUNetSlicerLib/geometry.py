@@ -136,12 +136,44 @@ class SliceFrame:
         return np.ascontiguousarray(self._slab_frame.slices_to_volume(np.asarray(plane)[None]))
 
 
-def view_axis(slice_node, ijk_to_world: np.ndarray | None = None) -> str:
-    """Orientation (axial/coronal/sagittal) whose voxel plane is nearest to a slice view's plane."""
+VIEW_ALIGNMENT_DEGREES = 1.0  # a view more than this off every voxel plane is oblique: its image is resampled
+VIEW_NAMES = ("Red", "Yellow", "Green")
+
+
+def slice_normal(slice_node) -> np.ndarray:
+    """Unit normal (world RAS) of a slice view's plane."""
+    normal = vtk_matrix_to_numpy(slice_node.GetSliceToRAS())[:3, 2]
+    return normal / np.linalg.norm(normal)
+
+
+def distance_to_view_plane(slice_node, ras: np.ndarray) -> float:
+    """|signed distance| in mm from a world RAS point to a slice view's plane."""
     matrix = vtk_matrix_to_numpy(slice_node.GetSliceToRAS())
-    normal = matrix[:3, 2]
-    dominant = int(np.argmax(np.abs(normal)))  # 0 R-L, 1 A-P, 2 S-I
-    return ("sagittal", "coronal", "axial")[dominant]
+    return float(abs(np.dot(np.asarray(ras, np.float64) - matrix[:3, 3], slice_normal(slice_node))))
+
+
+def view_axis(slice_node, ijk_to_world: np.ndarray) -> str:
+    """The volume orientation (axial/coronal/sagittal) whose voxel planes a slice view shows.
+
+    The view's normal must be parallel to one of the volume's voxel axes (within VIEW_ALIGNMENT_DEGREES): an oblique
+    view shows a resampled image the model never sees, so prompts there are refused with the way out.
+    """
+    directions = np.asarray(ijk_to_world, np.float64)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0)
+    cosines = np.abs(directions.T @ slice_normal(slice_node))
+    ijk_axis = int(np.argmax(cosines))
+    angle = float(np.degrees(np.arccos(min(1.0, cosines[ijk_axis]))))
+    if angle > VIEW_ALIGNMENT_DEGREES:
+        name = slice_node.GetLayoutName() or slice_node.GetName()
+        raise InputError(f"the {name} view is oblique to the volume's voxel planes ({angle:.1f} degrees off); "
+                         "prompts need a view on the volume's planes: in that view's menu choose "
+                         "'Rotate to volume plane', then place the prompt again")
+    for axis in AXES:
+        step = transforms.SliceFrame(geometry_from_ijk_to_ras(ijk_to_world, (2, 2, 2)), axis)
+        delta = step.slice_to_ijk([[1.0, 0.0, 0.0]])[0] - step.slice_to_ijk([[0.0, 0.0, 0.0]])[0]
+        if int(np.argmax(np.abs(delta))) == ijk_axis:
+            return axis
+    raise AssertionError("every voxel axis belongs to one display axis")
 
 
 def display_window(volume_node) -> tuple[float, float]:

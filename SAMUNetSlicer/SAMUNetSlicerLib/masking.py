@@ -99,16 +99,40 @@ def editable_region(settings: MaskSettings, selected_id: str, others: dict[str, 
     return editable
 
 
+def segments_needed(settings: MaskSettings, selected_id: str, segment_ids, visible: set[str]) -> list[str]:
+    """The segments whose voxels a masked change of `selected_id` reads or may change (the selected one first):
+    the editable area's segments and, when overwriting is on, the segments it may clear."""
+    others = [sid for sid in segment_ids if sid != selected_id]
+    wanted: set[str] = set()
+    mode = settings.mask_mode
+    if mode in ("inside_all", "outside_all"):
+        wanted.update(others)
+    elif mode in ("inside_visible", "outside_visible"):
+        wanted.update(s for s in others if s in visible)
+    elif mode == "inside_single" and settings.mask_segment_id in others:
+        wanted.add(settings.mask_segment_id)
+    if settings.overwrite == OVERWRITE_ALL:
+        wanted.update(others)
+    elif settings.overwrite == OVERWRITE_VISIBLE:
+        wanted.update(s for s in others if s in visible)
+    return [selected_id] + [sid for sid in others if sid in wanted]
+
+
 def apply_masking(desired: np.ndarray, baseline: dict[str, np.ndarray], selected_id: str, settings: MaskSettings,
-                  visible: set[str], intensities: np.ndarray | None) -> dict[str, np.ndarray]:
+                  visible: set[str], intensities: np.ndarray | None,
+                  allowed: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """New region contents of every segment after setting the selected segment to `desired` under masking.
 
-    desired: bool region; baseline: segment id -> region (0/1) before the change, the selected segment included.
+    desired: bool region; baseline: segment id -> region (0/1) before the change, the selected segment included
+    (segments the settings do not involve may be left out, see `segments_needed`). allowed: bool region, the voxels
+    this change covers (e.g. the slices of a propagation inside their bounding box); outside it no segment changes.
     Returns only the segments whose region changes.
     """
     shape = desired.shape
     current = baseline[selected_id] > 0
     editable = editable_region(settings, selected_id, baseline, visible, intensities, shape)
+    if allowed is not None:
+        editable &= np.asarray(allowed, bool)
     new_selected = np.where(editable, desired, current)
     changed: dict[str, np.ndarray] = {}
     if not np.array_equal(new_selected, current):

@@ -10,7 +10,7 @@ import numpy as np
 import slicer
 
 from samunet_core import transforms
-from samunet_core.cache import content_hash
+from samunet_core.cache import volume_key
 
 from .geometry import SliceFrame, display_window
 
@@ -18,13 +18,17 @@ from .geometry import SliceFrame, display_window
 class VolumeView:
     """array: KxJxI copy of the voxels; window: (lo, hi) from the display node; key: content hash for the cache."""
 
-    def __init__(self, volume_node, axis: str = "axial", window: tuple[float, float] | None = None) -> None:
+    def __init__(self, volume_node, axis: str = "axial", window: tuple[float, float] | None = None,
+                 array: np.ndarray | None = None) -> None:
+        """array: a snapshot already taken (views of one volume along several axes share it)."""
         self.volume_node = volume_node
         self.axis = axis
         self.frame = SliceFrame.for_volume(volume_node, axis)
-        self.array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+        self.array = array if array is not None else np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
         self.window = window if window is not None else display_window(volume_node)
-        self.key = content_hash(self.array, self.window, "slicer")
+        # keyed as samunet segment keys the same pixels, so embeddings cached by either serve both
+        self.key = volume_key(self.frame.frame.volume_to_slices(transforms.window_to_uint8(self.array, *self.window)),
+                              axis)
 
     @property
     def n_slices(self) -> int:

@@ -88,6 +88,15 @@ def predictor():
 
 
 @pytest.fixture(scope="session")
+def default_predictor():
+    """The default model (LiteMedSAM-clicks: LiteMedSAM's encoder, so it shares the embedding cache)."""
+    from samunet_core.predictor import load_predictor
+    from samunet_core.registry import DEFAULT_MODEL
+
+    return load_predictor(DEFAULT_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def embedding_cache():
     """One cache for the whole session: each real slice is encoded once, whichever test asks first."""
     from samunet_core.cache import EmbeddingCache

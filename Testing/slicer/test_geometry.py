@@ -117,8 +117,11 @@ def test_outside_prompt_is_refused_and_window_follows_display_node(mrml):
 
 
 def test_view_axis_from_real_slice_nodes(mrml):
+    from SAMUNetSlicerLib.geometry import volume_ijk_to_world
+
+    volume = mrml.load_ct()  # LPS file with flipped x and y: each view must still find its own voxel axis
     mrml.slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(mrml.scene)  # what Slicer does at startup
     for orientation, expected in (("Axial", "axial"), ("Coronal", "coronal"), ("Sagittal", "sagittal")):
         node = mrml.scene.AddNewNodeByClass("vtkMRMLSliceNode")
         node.SetOrientation(orientation)
-        assert view_axis(node) == expected
+        assert view_axis(node, volume_ijk_to_world(volume)) == expected
