@@ -199,9 +199,24 @@ class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._parameterNode, status=self._showStatus,
                     negative_modifier=lambda: bool(qt.QApplication.keyboardModifiers() & qt.Qt.ShiftModifier))
             self.logic.startController(self._controller, self._parameterNode)
+            self._allowShiftPlace()
             self._timer.start()
             self._showStatus(_("Segmenting {segment}: place points or a box in any slice view").format(
                 segment=self._parameterNode.segmentID))
+
+    def _allowShiftPlace(self) -> None:
+        """Slicer places points only on a plain click; in every slice view let Shift-click place our points too (the
+        controller then gives that point the other polarity)."""
+        from SAMUNetSlicerLib.views import allow_place_with_modifier
+
+        layout = slicer.app.layoutManager()
+        for name in layout.sliceViewNames():
+            manager = layout.sliceWidget(name).sliceView().displayableManagerByClassName(
+                "vtkMRMLMarkupsDisplayableManager")
+            if manager is None:
+                continue
+            for node in (self._controller.positive_node, self._controller.negative_node):
+                allow_place_with_modifier(manager, node)
 
     def _tool(self, tool: str) -> None:
         if self._controller is None or not self._controller.started:
@@ -243,7 +258,10 @@ class SAMUNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Batch failed."), waitCursor=True):
             if not self._ensureDependencies():
                 return
-            self._batch = self.logic.startBatch(self._parameterNode, propagate=self.ui.batchPropagateCheckBox.checked)
+            if self._controller is None or not self._controller.started:
+                raise ValueError(_("Press Start and place the prompts first: Batch applies them to every volume."))
+            self._batch = self.logic.startBatch(self._parameterNode, self._controller,
+                                                propagate=self.ui.batchPropagateCheckBox.checked)
             self._timer.start()
 
     def onCancel(self) -> None:
@@ -339,16 +357,18 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
                          mode=p.correction)
         p.positivePoints, p.negativePoints = controller.positive_node, controller.negative_node
 
-    def startBatch(self, parameterNode, propagate: bool = False, predictor=None, volumes=None):
+    def startBatch(self, parameterNode, controller, propagate: bool = False, predictor=None, volumes=None):
+        """The prompts placed since the last Accept, applied to every loaded volume (one new segmentation each)."""
         from SAMUNetSlicerLib.batch import BatchRunner, make_targets
-        from SAMUNetSlicerLib.prompts import read_prompts
 
         p = parameterNode
+        segment = p.segmentation.GetSegmentation().GetSegment(p.segmentID) if p.segmentation and p.segmentID else None
+        name = segment.GetName() if segment is not None else "SAMUNet"
+        prompts = controller.prompt_file(name, propagate)
         volumes = volumes or list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-        prompts = read_prompts(p.positivePoints, p.negativePoints, p.box)
-        targets = make_targets(slicer.mrmlScene, volumes, p.segmentID or "SAMUNet")
-        runner = BatchRunner(targets, predictor or self.predictor(p.model, p.device), prompts, propagate=propagate,
-                             cache=self.cache(), settings=self.maskSettings())
+        targets = make_targets(slicer.mrmlScene, volumes, name)
+        runner = BatchRunner(targets, predictor or self.predictor(p.model or None, p.device), prompts,
+                             cache=self.cache(), settings=self.maskSettings(), undo_history=self.segmentEditorUndo)
         runner.start()
         return runner
 

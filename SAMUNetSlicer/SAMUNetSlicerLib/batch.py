@@ -119,10 +119,12 @@ def prompt_file(prompts: WorldPrompts, axis: str, name: str, propagate: bool = F
 
 class BatchRunner:
     """Create on the main thread (it reads MRML there); `start()` computes in the background; `apply_ready()` writes
-    on the main thread. prompts: world RAS prompts (prompts.read_prompts). settings: the Segment Editor's masking.
+    on the main thread. prompts: a prompt-file dict (the Slicer module passes InteractionController.prompt_file(): the
+    prompts exactly as the controller resolved them) or world RAS prompts (prompts.read_prompts). settings: the
+    Segment Editor's masking.
     undo_history: optional Slicer undo history (see writer.as_undo_history)."""
 
-    def __init__(self, targets: list[BatchTarget], predictor, prompts: WorldPrompts, *, axis: str = "axial",
+    def __init__(self, targets: list[BatchTarget], predictor, prompts: WorldPrompts | dict, *, axis: str = "axial",
                  propagate: bool = False, cache=None, settings: MaskSettings | None = None,
                  undo_history=None) -> None:
         self.targets = targets
@@ -141,7 +143,11 @@ class BatchRunner:
         if targets:
             segment = targets[0].segmentation_node.GetSegmentation().GetSegment(targets[0].segment_id)
             name = segment.GetName() if segment is not None else ""
-        self.prompt_dict = prompt_file(prompts, axis, name, propagate)
+        if isinstance(prompts, dict):  # a prompt-file dict, e.g. InteractionController.prompt_file(): as placed
+            self.prompt_dict = prompts
+            self.axis = prompts.get("axis", axis)
+        else:
+            self.prompt_dict = prompt_file(prompts, axis, name, propagate)
         self.prompt_file: PromptFile = parse_prompts(self.prompt_dict, source="the batch prompts")
         self.views: list[VolumeView | None] = []
         self._jobs = [self._job(i, target) for i, target in enumerate(targets)]

@@ -32,7 +32,6 @@ from samunet_core import interaction
 from samunet_core.errors import InputError
 from samunet_core.interaction import Click, Mode, SlicePrompts
 from samunet_core.prompts import parse_prompts, resolve_prompts
-from samunet_core.propagate import SliceMask
 from samunet_core.session import VolumeSession
 
 from .geometry import VIEW_NAMES, distance_to_view_plane, view_axis, volume_ijk_to_world
@@ -530,6 +529,20 @@ class InteractionController:
         self._reset_state()
         self._epoch = epoch_keep + 1  # results still running belong to the prompts just removed
 
+    def prompt_file(self, name: str, propagate: bool = False) -> dict:
+        """The prompts placed since the last Accept as a prompt file (RAS; docs/formats.md), in placement order, boxes
+        as this controller reads them (2D unless their depth was changed): what Batch applies to other volumes."""
+        placed = sorted(self._placed.values(), key=lambda p: p.order)
+        if not placed:
+            raise InputError("place points or a box first: Batch applies them to every loaded volume")
+        axes = sorted({p.axis for p in placed})
+        if len(axes) > 1:
+            raise InputError(f"the prompts are on {' and '.join(axes)} slices; Batch needs them in one orientation")
+        points = [{"position": p.world, "positive": p.role == "positive"} for p in placed if p.role != "box"]
+        boxes = [{"corners": p.world} for p in placed if p.role == "box"]
+        segment = {"name": name or "SAMUNet", "points": points, "boxes": boxes, "propagate": bool(propagate)}
+        return {"coordinates": "RAS", "axis": axes[0], "segments": [segment]}
+
     def _provenance(self, placed: Placed) -> dict:
         entry = {"axis": placed.axis, "view": placed.view, "slices": [placed.s0, placed.s1], "mode": self.mode.value}
         if placed.role == "box":
@@ -550,15 +563,17 @@ class InteractionController:
                 and not s.prompts.empty}
         if axis is None and done:
             axis = max(done.items(), key=lambda item: item[1].wanted)[0][0]
-        seeds = {k: SliceMask(s.outcome.mask, s.outcome.model.logits, s.outcome.model.score)
-                 for (a, k), s in done.items() if a == axis}
+        seeds = {k: s.outcome.model for (a, k), s in done.items() if a == axis}  # the model's answers, as the CLI
         if not seeds:
             raise InputError("nothing to propagate: segment a slice first")
+        inside_3d_box = {k for p in self._placed.values() if p.axis == axis and p.s1 > p.s0
+                         for k in range(p.s0, p.s1 + 1)}
+        below = direction != "up" and min(seeds) not in inside_3d_box  # no walk beyond a 3D box, as the CLI
+        above = direction != "down" and max(seeds) not in inside_3d_box
         n_slices, epoch = self.frame(axis).n_slices, self._epoch
 
         def walk(decoder) -> dict[int, np.ndarray]:
-            return interaction.propagate_from_seeds(decoder, n_slices, seeds, walk_below=direction != "up",
-                                                    walk_above=direction != "down")
+            return interaction.propagate_from_seeds(decoder, n_slices, seeds, walk_below=below, walk_above=above)
 
         self._propagation = _Propagation(epoch, axis, direction, self._session(axis).run(walk))
 
@@ -580,13 +595,14 @@ class InteractionController:
         if not carried:
             self._say("Propagation found nothing beyond the prompted slices.")
             return 0
-        frame = self.frame(job.axis)
+        frame, mode = self.frame(job.axis), self.mode
+        slabs = {}
+        for k, mask in carried.items():
+            extent = slab_extent(frame.volume_slab(k), frame.shape_kji)
+            existing = frame.slab_to_slice(self.writer.io.read(self.segment_id, extent)) > 0
+            slabs[extent] = frame.slice_to_slab(interaction.combine(mask, existing, mode))
         self._save_for_undo()
-        record = self.writer.set_slices(
-            self.segment_id, {slab_extent(frame.volume_slab(k), frame.shape_kji): frame.slice_to_slab(m)
-                              for k, m in carried.items()},
-            description=f"SAMUNet propagate {job.direction}",
-            provenance=None)
+        record = self.writer.set_slices(self.segment_id, slabs, description=f"SAMUNet propagate {job.direction}")
         segmentation = self.segmentation_node.GetSegmentation()
         previous = read_tags(segmentation, self.segment_id)
         record.tags.setdefault(self.segment_id, previous)

@@ -305,3 +305,45 @@ def test_segment_editor_history_of_another_segmentation_is_left_alone(scene, ct,
     assert segment_array(segmentation, lung, volume).any()
     histories[segmentation.GetID()].RestorePreviousState()  # the Segment Editor's Undo
     assert not segment_array(segmentation, lung, volume).any()
+
+
+def test_batch_applies_the_prompts_as_the_controller_placed_them(scene, ct, controller, default_predictor,
+                                                                  embedding_cache):
+    """A box drawn in a view has a depth Slicer chose (its shorter side): the controller reads it as a 2D box, and
+    Batch, given the controller's prompts, does the same on every volume (the old batch made it a 3D box)."""
+    from SAMUNetSlicerLib.batch import BatchRunner, make_targets
+
+    volume, segmentation, lung, _ = ct
+    controller.start(volume, segmentation, lung, window=LUNG)
+    lo, hi, _ = lung_box(controller.frame("axial"), K)
+    scene.show_slice("Red", (lo + hi) / 2)
+    place_box(controller.set_tool("box"), lo, hi, normal=view_axes(scene.views["Red"])[:, 2])
+    controller.wait()
+    here = segment_array(segmentation, lung, volume)
+    targets = make_targets(scene.scene, [volume], "lung")
+    runner = BatchRunner(targets, default_predictor, controller.prompt_file("lung"), cache=embedding_cache)
+    runner.start().result(timeout=300)
+    (result,) = runner.apply_ready()
+    assert result.error is None
+    batch = segment_array(targets[0].segmentation_node, targets[0].segment_id, volume)
+    assert batch.any() and np.array_equal(batch, here)  # one slice, the same voxels as the interactive result
+
+
+def test_propagation_is_one_undo_step_after_the_prompted_slice(scene, ct, controller):
+    volume, segmentation, lung, _ = ct
+    controller.start(volume, segmentation, lung, window=LUNG)
+    lo, hi, _ = lung_box(controller.frame("axial"), K)
+    scene.show_slice("Red", (lo + hi) / 2)
+    place_box(controller.set_tool("box"), lo, hi)
+    controller.wait()
+    seeded = segment_array(segmentation, lung, volume)
+    controller.propagate("up")
+    controller.wait()
+    carried = segment_array(segmentation, lung, volume)
+    frame = controller.frame("axial")
+    slices = [k for k in range(frame.n_slices) if frame.slice_of(carried, k).any()]
+    assert min(slices) == K and len(slices) > 1  # "up": only slices above the prompted one
+    controller.undo()
+    assert np.array_equal(segment_array(segmentation, lung, volume), seeded)
+    controller.undo()
+    assert not segment_array(segmentation, lung, volume).any()
