@@ -15,7 +15,8 @@ beyond an empty mask, so a walk nearly always runs to the end of the volume and 
 The slice that trips a rule is not kept. Between two prompted slices the walk is bounded: each prompted slice keeps its
 own mask, and each slice in between is carried from the nearer prompted slice (ties to the lower one); if such a walk
 loses the structure, the box interpolated between the two prompted slices' boxes is used instead, since the user has
-said the structure spans the gap. A 3D box segments every slice inside it and nothing beyond.
+said the structure spans the gap. Which slices are prompted (3D boxes included) is decided by
+samunet_core/interaction.py.
 
 The model is reached through a `SliceDecoder`: anything with `predict(k, **prompts) -> Prediction` (a
 `samunet_core.session.VolumeSession` is one; `EmbeddingDecoder` wraps a Predictor and an embedding lookup). Slices are
@@ -226,22 +227,6 @@ def propagate_masks(decoder: SliceDecoder, n_slices: int, seeds: dict[int, Slice
 
 def _seed_box(seed: SliceMask) -> np.ndarray | None:
     return mask_box(seed.mask) if seed.mask.any() else None
-
-
-def propagate_from_box(decoder: SliceDecoder, n_slices: int, start_k: int, box: Any,
-                       params: PropagationParams = DEFAULT_PARAMS) -> dict[int, np.ndarray]:
-    """One 2D box (x0, y0, x1, y1, slice pixels, max inclusive) on slice start_k, carried up and down.
-
-    Returns {k: HxW bool mask} of every slice reached (start_k included). This is the `propagate` protocol of
-    `samunet eval`.
-    """
-    seed = predict_box(decoder, start_k, box)
-    return propagate_masks(decoder, n_slices, {start_k: seed}, params)
-
-
-def segment_box_3d(decoder: SliceDecoder, s0: int, s1: int, box: Any) -> dict[int, SliceMask]:
-    """A 3D box: the same (x0, y0, x1, y1) box on every slice s0..s1 (inclusive), nothing beyond."""
-    return {k: predict_box(decoder, k, box) for k in range(int(s0), int(s1) + 1)}
 
 
 def stack(masks: dict[int, np.ndarray], n_slices: int, slice_shape: tuple[int, int]) -> np.ndarray:

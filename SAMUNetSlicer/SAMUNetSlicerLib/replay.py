@@ -29,23 +29,33 @@ VIEWS = {"red": ("Red", "Axial"), "yellow": ("Yellow", "Sagittal"), "green": ("G
 DEFAULT_VIEW = {"axial": "red", "sagittal": "yellow", "coronal": "green"}
 
 
+def mrml_scene():
+    """(scene, segmentations logic, volumes logic): a slicer-core MRML scene with the module logics this module uses,
+    and the globals `slicer.util` helpers read inside Slicer (slicer.mrmlScene, slicer.modules)."""
+    from types import SimpleNamespace
+
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)  # registers the segmentation converters
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLScene(scene)
+    slicer.mrmlScene = scene
+    slicer.modules = SimpleNamespace(segmentations=SimpleNamespace(logic=lambda: segmentations),
+                                     volumes=SimpleNamespace(logic=lambda: volumes))
+    return scene, segmentations, volumes
+
+
 class ReplayScene:
-    """A slicer-core MRML scene set up the way Slicer's application sets it up for this module."""
+    """A slicer-core MRML scene set up the way Slicer's application sets it up for this module: the logics, the
+    interaction, selection and crosshair singletons, and three slice views."""
 
     def __init__(self) -> None:
-        from types import SimpleNamespace
-
         import slicer
 
         self.slicer = slicer
-        self.scene = slicer.vtkMRMLScene()
-        self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-        self.segmentations.SetMRMLScene(self.scene)
-        self.volumes = slicer.vtkSlicerVolumesLogic()
-        self.volumes.SetMRMLScene(self.scene)
-        slicer.mrmlScene = self.scene  # slicer.util helpers read these globals, as inside Slicer
-        slicer.modules = SimpleNamespace(segmentations=SimpleNamespace(logic=lambda: self.segmentations),
-                                         volumes=SimpleNamespace(logic=lambda: self.volumes))
+        self.scene, self.segmentations, self.volumes = mrml_scene()
         for class_name in ("vtkMRMLInteractionNode", "vtkMRMLSelectionNode", "vtkMRMLCrosshairNode"):
             node = self.scene.CreateNodeByClass(class_name)
             node.SetSingletonTag("Singleton")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -31,15 +30,10 @@ class Mrml:
     def __init__(self) -> None:
         import slicer
 
+        from SAMUNetSlicerLib.replay import mrml_scene
+
         self.slicer = slicer
-        self.scene = slicer.vtkMRMLScene()
-        self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-        self.segmentations.SetMRMLScene(self.scene)
-        self.volumes = slicer.vtkSlicerVolumesLogic()
-        self.volumes.SetMRMLScene(self.scene)
-        slicer.mrmlScene = self.scene
-        slicer.modules = SimpleNamespace(segmentations=SimpleNamespace(logic=lambda: self.segmentations),
-                                         volumes=SimpleNamespace(logic=lambda: self.volumes))
+        self.scene, self.segmentations, self.volumes = mrml_scene()
 
     def load_ct(self, name: str = "ct"):
         volume = self.volumes.AddArchetypeVolume(str(ct_path()), name, 0)

@@ -215,3 +215,22 @@ def test_unknown_model_status_is_an_input_error(name):
 
     with pytest.raises(InputError, match="unknown model"):
         model_status(name)
+
+
+def test_the_widget_takes_no_application_wide_or_single_letter_shortcut():
+    """The module once bound A, S, B, Z, Enter and Esc application-wide: B is the slice views' previous-slice key.
+    Every QShortcut the widget makes must be scoped to its panel and use no bare letter (read from the source: the
+    widget needs Slicer's Qt, which cannot run here)."""
+    import ast
+    import re
+
+    source = (REPO / "SAMUNetSlicer" / "SAMUNetSlicer.py").read_text()
+    assert "ApplicationShortcut" not in source and "WindowShortcut" not in source
+    tree = ast.parse(source)
+    keys = [node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "QKeySequence"
+            and node.args and isinstance(node.args[0], ast.Constant)]
+    bound = re.findall(r'\(\("(\w+)", lambda', source) + re.findall(r'\("(\w+)", lambda', source)
+    for key in set(keys) | set(bound):
+        assert len(key) > 1, f"single-key shortcut {key!r}"
+    assert source.count("WidgetWithChildrenShortcut") >= 1
