@@ -39,6 +39,12 @@ def volume_key(slices_u8: np.ndarray, axis: str) -> str:
     return content_hash(np.ascontiguousarray(slices_u8), axis)
 
 
+def folder_cache(folder: str | os.PathLike, **options: Any) -> EmbeddingCache:
+    """The EmbeddingCache persisting under a user's cache folder (`--cache-dir`): its `embeddings/` subfolder, the
+    same for every front end, so `samunet segment`, `samunet batch` and `replay` reuse each other's embeddings."""
+    return EmbeddingCache(disk_dir=Path(folder) / "embeddings", **options)
+
+
 @dataclass
 class CacheStats:
     hits: int = 0

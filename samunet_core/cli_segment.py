@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_cache(cache_dir: str | None) -> Any:
     """EmbeddingCache persisting to `cache_dir` (default folder when None, memory only for 'none')."""
-    from samunet_core.cache import EmbeddingCache
+    from samunet_core.cache import EmbeddingCache, folder_cache
     from samunet_core.segment import default_cache_dir
 
     if cache_dir is not None and cache_dir.lower() == "none":
@@ -56,7 +56,7 @@ def build_cache(cache_dir: str | None) -> Any:
     except OSError as exc:
         raise InputError(f"cannot create the embedding cache folder {folder} ({exc.strerror}); give --cache-dir "
                          "another folder or 'none'") from exc
-    return EmbeddingCache(disk_dir=folder / "embeddings")
+    return folder_cache(folder)
 
 
 def load_model(args: argparse.Namespace) -> Any:

@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"volume {args.volume} does not exist; check the path")
         cache = None
         if args.cache_dir is not None:
-            from samunet_core.cache import EmbeddingCache
+            from samunet_core.cache import folder_cache
 
-            cache = EmbeddingCache(disk_dir=args.cache_dir)
+            cache = folder_cache(args.cache_dir)
         out = replay(args.volume, args.prompts, args.output, view=args.view, model=args.model,
                      window=tuple(args.window) if args.window else None, preset=args.preset, device=args.device,
                      cache=cache)
