@@ -106,3 +106,38 @@ def reference_labels_kji():
     path = ct_path().parent / "Segmentation.seg.nrrd"
     data, _ = nrrd.read(str(path))
     return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+
+
+class MrmlThreadWatch:
+    """Records every C call on an MRML object (nodes, scene, segmentations, segments) made off the main thread, by
+    threads started while the watch is on (threading.setprofile reaches threads started after it is set)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import slicer
+
+        self._types = (slicer.vtkMRMLNode, slicer.vtkMRMLScene, slicer.vtkSegmentation, slicer.vtkSegment)
+        self._main = threading.main_thread()
+        self.off_main: list[tuple[str, str]] = []
+        self.c_calls = 0
+
+    def _profile(self, _frame, event, arg) -> None:
+        import threading
+
+        if event == "c_call":
+            self.c_calls += 1
+            owner = getattr(arg, "__self__", None)
+            if isinstance(owner, self._types) and threading.current_thread() is not self._main:
+                self.off_main.append((threading.current_thread().name, f"{type(owner).__name__}.{arg.__name__}"))
+
+    def __enter__(self) -> MrmlThreadWatch:
+        import threading
+
+        threading.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import threading
+
+        threading.setprofile(None)

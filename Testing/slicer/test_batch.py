@@ -4,11 +4,10 @@ on the main thread only; each volume's result is one Slicer write with provenanc
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
-from conftest import reference_labels_kji
+from conftest import MrmlThreadWatch, reference_labels_kji
 
 from SAMUNetSlicerLib.batch import BatchRunner, make_targets, prompt_file
 from SAMUNetSlicerLib.geometry import SliceFrame
@@ -99,18 +98,6 @@ def test_batch_touches_mrml_only_on_the_main_thread(mrml, predictor, embedding_c
     thread. Each volume's 3D box result is one Slicer write."""
     import slicer
 
-    mrml_types = (slicer.vtkMRMLNode, slicer.vtkMRMLScene, slicer.vtkSegmentation, slicer.vtkSegment)
-    main = threading.main_thread()
-    off_main: list[tuple[str, str]] = []
-    c_calls: list[int] = [0]
-
-    def profile(_frame, event, arg):
-        if event == "c_call":
-            c_calls[0] += 1
-            owner = getattr(arg, "__self__", None)
-            if isinstance(owner, mrml_types) and threading.current_thread() is not main:
-                off_main.append((threading.current_thread().name, f"{type(owner).__name__}.{arg.__name__}"))
-
     ct = mrml.load_ct("first")
     again = mrml.load_ct("second")
     _lung_window(ct, again)
@@ -123,8 +110,7 @@ def test_batch_touches_mrml_only_on_the_main_thread(mrml, predictor, embedding_c
         target.segmentation_node.GetSegmentation().AddObserver(
             slicer.vtkSegmentation.SourceRepresentationModified, lambda caller, event: writes.append(caller))
     runner = BatchRunner(targets, predictor, read_prompts(None, None, roi), cache=embedding_cache)
-    threading.setprofile(profile)
-    try:
+    with MrmlThreadWatch() as watch:
         future = runner.start()
         results = []
         while not future.done():  # what the widget's timer does
@@ -132,10 +118,8 @@ def test_batch_touches_mrml_only_on_the_main_thread(mrml, predictor, embedding_c
             time.sleep(0.05)
         assert future.result() == 2
         results += runner.apply_ready()
-    finally:
-        threading.setprofile(None)
-    assert c_calls[0] > 0, "the profiler saw no calls on the batch threads"
-    assert off_main == [], f"MRML called off the main thread: {sorted(set(off_main))}"
+    assert watch.c_calls > 0, "the profiler saw no calls on the batch threads"
+    assert watch.off_main == [], f"MRML called off the main thread: {sorted(set(watch.off_main))}"
     assert [r.error for r in results] == [None, None]
     assert len(writes) == 2  # one labelmap per volume
     for target in targets:

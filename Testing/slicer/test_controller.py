@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import vtk
-from conftest import reference_labels_kji
+from conftest import MrmlThreadWatch, reference_labels_kji
 
 from samunet_core import interaction
 from samunet_core.interaction import Click, Mode, SlicePrompts
@@ -347,3 +347,20 @@ def test_propagation_is_one_undo_step_after_the_prompted_slice(scene, ct, contro
     assert np.array_equal(segment_array(segmentation, lung, volume), seeded)
     controller.undo()
     assert not segment_array(segmentation, lung, volume).any()
+
+
+def test_the_model_side_never_touches_mrml(scene, ct, controller):
+    """Clicks, a box and a propagation: every MRML call happens on the main thread (the session worker gets numpy)."""
+    volume, segmentation, lung, _ = ct
+    with MrmlThreadWatch() as watch:
+        controller.start(volume, segmentation, lung, window=LUNG)  # its session worker starts under the watch
+        lo, hi, _ = lung_box(controller.frame("axial"), K)
+        scene.show_slice("Red", (lo + hi) / 2)
+        place_box(controller.set_tool("box"), lo, hi)
+        click(scene, controller, "Red", controller.frame("axial").display_to_world([[K, 70, 40]])[0])
+        controller.wait()
+        controller.propagate("both")
+        controller.wait()
+    assert watch.c_calls > 0, "the profiler saw no calls on the worker"
+    assert watch.off_main == [], f"MRML called off the main thread: {sorted(set(watch.off_main))}"
+    assert segment_array(segmentation, lung, volume).any()
