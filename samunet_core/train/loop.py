@@ -5,6 +5,13 @@ embedding. A step draws a first prompt (box or 1-3 points) and a number of corre
 without gradient (the model's own prediction places the next click and its logits are fed back as mask input); the
 loss is taken on round r. Box steps at round 0 also distil towards the frozen base decoder (keeps box accuracy).
 
+Families: `litemedsam_clicks` (a LiteMedSAM; the default) trains the prompt encoder + mask decoder on the cached
+TinyViT embedding, decoding a crop window around the targets. `samunet_tinyvit` (a `SAMUNetTinyViT`, chosen by the
+model handed in) trains the groups its `set_trainable` enabled: per step `model.encode(x, image_embedding=E)` runs the
+CNN branch and fusion on the 256-grid model input `x` (stored next to the embedding cache by `store_model_inputs`)
+with the cached frozen TinyViT embedding E, then every round decodes the full 256 grid with `model.decode`. Same
+prompt schedule, losses and KD (the teacher is the initial model); no multimask lone-click option (one mask token).
+
 Seeded and resumable: step s draws everything from `numpy.random.default_rng([seed, s])`, so a resumed run makes
 the same choices as an uninterrupted one. A checkpoint (trainable weights, optimizer, step, history) is written
 atomically every `checkpoint_every` steps, with its sha256 in a JSON next to it.
@@ -24,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from samunet_core.train.delta import TRAINED_PREFIXES, trained_state
+from samunet_core.train.delta import FAMILY_PREFIXES, TRAINED_PREFIXES, trained_state
 from samunet_core.train.embeddings import CachedItem
+
+FAMILIES = ("litemedsam_clicks", "samunet_tinyvit")
 
 
 @dataclass
@@ -125,14 +134,84 @@ def _lr(config: TrainConfig, step: int) -> float:
     return config.lr * (config.min_lr_fraction + (1 - config.min_lr_fraction) * cosine)
 
 
-def trainable_parameters(model: Any) -> list[Any]:
-    """Freeze everything but the prompt encoder and mask decoder; return the trainable parameters."""
+def model_family(model: Any) -> str:
+    """"samunet_tinyvit" for a SAMUNetTinyViT, else "litemedsam_clicks" (a LiteMedSAM)."""
+    from samunet_core.modeling.samunet_tinyvit import SAMUNetTinyViT
+
+    return "samunet_tinyvit" if isinstance(model, SAMUNetTinyViT) else "litemedsam_clicks"
+
+
+def trainable_parameters(model: Any, family: str = "litemedsam_clicks") -> list[Any]:
+    """litemedsam_clicks: freeze everything but the prompt encoder and mask decoder. samunet_tinyvit: the
+    parameters its `set_trainable` left trainable (the TinyViT must stay frozen: its embedding is cached).
+    Returns the trainable parameters."""
+    if family == "samunet_tinyvit":
+        if any(p.requires_grad for p in model.image_encoder.parameters()):
+            from samunet_core.errors import InputError
+
+            raise InputError("samunet_tinyvit trains on cached TinyViT embeddings: its image_encoder must stay frozen")
+        return [p for p in model.parameters() if p.requires_grad]
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TRAINED_PREFIXES))
         if p.requires_grad:
             params.append(p)
     return params
+
+
+# -- model inputs for samunet_tinyvit (the CNN branch needs the image, the embedding cache holds only E) ------------
+INPUTS_DIR = "inputs"
+
+
+def model_input_path(cache_dir: str | Path, image_hash: str) -> Path:
+    """Where the 256-grid input of the image with content hash `image_hash` (the item key's [1]) is stored."""
+    return Path(cache_dir) / INPUTS_DIR / f"{image_hash}.npy"
+
+
+def store_model_inputs(records: Any, cache_dir: str | Path) -> Any:
+    """Pass `records` through (a generator), first storing each image's LiteMedSAM-resized uint8 slice (hxwx3,
+    INTER_AREA, at most 192 KB) under `cache_dir`/inputs/ unless present; `load_model_input` rebuilds the exact
+    model input from it."""
+    import cv2
+
+    from samunet_core.cache import content_hash
+    from samunet_core.model_input import MODEL_GRID, as_rgb_uint8
+    from samunet_core.transforms import model_resized_shape
+
+    for record in records:
+        path = model_input_path(cache_dir, content_hash(record.image))
+        if not path.is_file():
+            rgb = as_rgb_uint8(record.image)
+            new_h, new_w = model_resized_shape(*rgb.shape[:2], MODEL_GRID)
+            resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, resized)
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        yield record
+
+
+def load_model_input(cache_dir: str | Path, image_hash: str) -> Any:
+    """1x3x256x256 float32 tensor equal to `LiteMedSAMInput.image_to_array` of the stored image (min-max of the
+    resized slice to [0, 1], zero-padded), or None when not stored."""
+    import torch
+
+    from samunet_core.model_input import MODEL_GRID
+
+    path = model_input_path(cache_dir, image_hash)
+    if not path.is_file():
+        return None
+    resized = np.load(path).astype(np.float64)
+    lo, hi = resized.min(), resized.max()
+    normalised = ((resized - lo) / np.clip(hi - lo, 1e-8, None)).astype(np.float32)
+    padded = np.zeros((MODEL_GRID, MODEL_GRID, 3), np.float32)
+    padded[: normalised.shape[0], : normalised.shape[1]] = normalised
+    return torch.from_numpy(padded).permute(2, 0, 1)[None].contiguous()
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -152,23 +231,37 @@ class Trainer:
     """Holds model, frozen teacher, optimizer and data; `run()` trains to `config.steps` (resuming if possible)."""
 
     def __init__(self, model: Any, items: list[CachedItem], cache: Any, config: TrainConfig,
-                 run_dir: str | Path | None = None, device: str = "cpu", metadata: dict[str, Any] | None = None
-                 ) -> None:
+                 run_dir: str | Path | None = None, device: str = "cpu", metadata: dict[str, Any] | None = None,
+                 inputs_dir: str | Path | None = None) -> None:
+        """inputs_dir (samunet_tinyvit only): where `store_model_inputs` wrote the model inputs (default: the
+        embedding cache's folder)."""
         import torch
+
+        from samunet_core.errors import InputError
 
         if config.threads:
             torch.set_num_threads(config.threads)
         self.items = [it for it in items if len(it.names)]
         if not self.items:
-            from samunet_core.errors import InputError
-
             raise InputError("no cached training images with targets; run the embedding precompute first")
         self.model, self.cache, self.config, self.device = model.to(device), cache, config, device
+        self.family = model_family(model)
+        self.prefixes = FAMILY_PREFIXES[self.family]
+        self.inputs_dir = None
+        if self.family == "samunet_tinyvit":
+            if config.multimask_first_click:
+                raise InputError("--multimask-first-click does not apply to samunet_tinyvit (one mask token)")
+            self.inputs_dir = Path(inputs_dir if inputs_dir is not None else cache.disk_dir)
+            missing = [it.source for it in self.items if not model_input_path(self.inputs_dir, it.key[1]).is_file()]
+            if missing:
+                raise InputError(f"{len(missing)} training image(s) have no stored model input in "
+                                 f"{self.inputs_dir / INPUTS_DIR} (e.g. {missing[0]}); rerun `samunet train --model "
+                                 "samunet_tinyvit` without --no-encode to store them")
         self.teacher = copy.deepcopy(model).eval() if config.kd_weight > 0 else None
         if self.teacher is not None:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        self.params = trainable_parameters(self.model)
+        self.params = trainable_parameters(self.model, self.family)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.metadata = metadata or {}
@@ -187,7 +280,7 @@ class Trainer:
         path = self.checkpoint_path
         if path is None:
             return None
-        _atomic_torch_save({"step": self.step, "trainable": trained_state(self.model),
+        _atomic_torch_save({"step": self.step, "trainable": trained_state(self.model, self.prefixes),
                             "optimizer": self.optimizer.state_dict(), "history": self.history,
                             "train_seconds": self.train_seconds, "config": asdict(self.config)}, path)
         digest = sha256_of_file(path)
@@ -205,6 +298,11 @@ class Trainer:
         if path is None or not path.is_file():
             return False
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        if set(blob["trainable"]) != set(trained_state(self.model, self.prefixes)):
+            from samunet_core.errors import CheckpointError
+
+            raise CheckpointError(f"{path} is not a {self.family} training checkpoint (its tensors differ); pass "
+                                  "--restart or another --run-dir")
         state = self.model.state_dict()
         state.update(blob["trainable"])
         self.model.load_state_dict(state, strict=True)
@@ -217,6 +315,8 @@ class Trainer:
     def _decode(self, model: Any, embedding: Any, prompts: Any, mask_input: Any, window: tuple[int, int, int],
                 all_masks: bool = False) -> tuple[Any, Any]:
         coords, labels, boxes = prompts.tensors(self.device)
+        if isinstance(embedding, dict):  # samunet_tinyvit: `encode`'s cache, full 256 grid
+            return model.decode(embedding, coords, labels, boxes, mask_input)
         return decode_window(model, embedding, coords, labels, boxes, mask_input, window, all_masks)
 
     def _lone_click_round(self, embedding: Any, prompts: Any, target: Any, window: tuple[int, int, int]
@@ -260,7 +360,12 @@ class Trainer:
         image_embedding = embedding.tensors["image_embedding"].to(self.device)
         mode = "box" if rng.random() < cfg.box_fraction else "points"
         prompts = prompt_sim.first_prompts(masks, mode, rng, jitter=cfg.box_jitter)
-        window = crop_window(masks, cfg.crop_min_tokens, cfg.crop_margin_px) if cfg.crop else (0, 0, EMBED_GRID)
+        tinyvit = self.family == "samunet_tinyvit"
+        if tinyvit or not cfg.crop:
+            window = (0, 0, EMBED_GRID)
+        else:
+            window = crop_window(masks, cfg.crop_min_tokens, cfg.crop_margin_px)
+        x = load_model_input(self.inputs_dir, item.key[1]).to(self.device) if tinyvit else None
         probs = np.asarray(cfg.round_probs, np.float64)
         rounds = int(rng.choice(len(probs), p=probs / probs.sum()))
         r0, c0, side = (4 * v for v in window)
@@ -268,8 +373,11 @@ class Trainer:
         teacher_logits = None
         if self.teacher is not None and mode == "box":
             with torch.no_grad():
-                teacher_logits, _ = self._decode(self.teacher, image_embedding, prompts, None, window)
+                source = self.teacher.encode(x, image_embedding) if tinyvit else image_embedding
+                teacher_logits, _ = self._decode(self.teacher, source, prompts, None, window)
         self.model.train()
+        if tinyvit:  # once per step, with gradient into the CNN branch and fusion; every round decodes against it
+            image_embedding = self.model.encode(x, image_embedding)
         mask_input = None
         losses = []
         for r in range(rounds + 1):
