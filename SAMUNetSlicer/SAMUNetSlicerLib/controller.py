@@ -34,10 +34,10 @@ from samunet_core.interaction import Click, Mode, SlicePrompts
 from samunet_core.prompts import parse_prompts, resolve_prompts
 from samunet_core.session import VolumeSession
 
-from .geometry import VIEW_NAMES, distance_to_view_plane, view_axis, volume_ijk_to_world
+from .geometry import VIEW_NAMES, display_window, distance_to_view_plane, view_axis, volume_ijk_to_world
 from .masking import MaskSettings
 from .prompts import roi_corners_world
-from .volume_view import VolumeView
+from .volume_view import VolumeView, windowed_snapshot
 from .writer import MaskedWriter, SegmentRegionIO, UndoRecord, provenance_tags, read_tags, slab_extent, write_tags
 
 POINT_EVENTS = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
@@ -136,8 +136,8 @@ class InteractionController:
             raise InputError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'; pick a segment")
         self.volume_node, self.segmentation_node, self.segment_id = volume_node, segmentation_node, segment_id
         self.mode = Mode(mode)
-        self._window = window
-        self._array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+        self._window = window if window is not None else display_window(volume_node)
+        self._pixels = windowed_snapshot(volume_node, self._window)  # one snapshot for every axis
         self._ijk_world = volume_ijk_to_world(volume_node)
         self._views: dict[str, VolumeView] = {}
         self._sessions: dict[str, VolumeSession] = {}
@@ -310,7 +310,7 @@ class InteractionController:
         if is_box:
             if np.count_nonzero(np.ptp(world, axis=0) > 1e-6) < 2:
                 return None  # the first click of a box: a corner, no extent yet
-            lo, hi = self._box_corners(node, world, axis, slice_node)
+            lo, hi = self._box_corners(node, world, axis)
             data = {"coordinates": "RAS", "axis": axis,
                     "segments": [{"name": name, "boxes": [{"corners": [lo.tolist(), hi.tolist()]}]}]}
             box = resolve_prompts(parse_prompts(data, "the box"), frame).segments[0].boxes[0]
@@ -326,7 +326,7 @@ class InteractionController:
         return Placed(node, point_id, role, order, view, axis, point.s, point.s,
                       click=Click(point.x, point.y, point.positive), world=list(map(float, world)))
 
-    def _box_corners(self, node, corners: np.ndarray, axis: str, slice_node) -> tuple[np.ndarray, np.ndarray]:
+    def _box_corners(self, node, corners: np.ndarray, axis: str) -> tuple[np.ndarray, np.ndarray]:
         """Two opposite world corners of the box an ROI marks on the displayed slices of `axis`.
 
         Slicer gives a box drawn in a slice view a depth (its shorter side) the user never chose, so a box is 2D, on the
@@ -620,7 +620,7 @@ class InteractionController:
     def _view(self, axis: str) -> VolumeView:
         view = self._views.get(axis)
         if view is None:
-            view = VolumeView(self.volume_node, axis, self._window, array=self._array)
+            view = VolumeView(self.volume_node, axis, self._window, pixels=self._pixels)
             self._views[axis] = view
         return view
 

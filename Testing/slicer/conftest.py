@@ -141,3 +141,11 @@ class MrmlThreadWatch:
         import threading
 
         threading.setprofile(None)
+
+
+def raw_voxels(controller):
+    """KxJxI: the controller's volume's own voxels (not its windowed snapshot: tests window them independently)."""
+    import numpy as np
+    import slicer
+
+    return np.asarray(slicer.util.arrayFromVolume(controller.volume_node))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import vtk
-from conftest import MrmlThreadWatch, reference_labels_kji
+from conftest import MrmlThreadWatch, raw_voxels, reference_labels_kji
 
 from samunet_core import interaction
 from samunet_core.interaction import Click, Mode, SlicePrompts
@@ -109,7 +109,7 @@ def test_a_click_is_decoded_on_the_slice_of_the_view_it_was_placed_in(scene, ct,
     controller.wait()
     assert controller.errors == []
     written = segment_array(segmentation, lung, volume)
-    expected = interaction.decode_slice(Direct(default_predictor, frame, controller._array), k,
+    expected = interaction.decode_slice(Direct(default_predictor, frame, raw_voxels(controller)), k,
                                         SlicePrompts(clicks=(Click(col, row),))).mask
     assert expected.any()
     assert np.array_equal(frame.slice_of(written, k), expected)
@@ -156,7 +156,7 @@ def test_an_oblique_volume_is_segmented_in_a_view_rotated_to_its_planes(scene, c
     controller.wait()
     assert controller.errors == []
     written = segment_array(segmentation, segment, volume)
-    expected = interaction.decode_slice(Direct(default_predictor, frame, controller._array), K,
+    expected = interaction.decode_slice(Direct(default_predictor, frame, raw_voxels(controller)), K,
                                         SlicePrompts(boxes=(box,))).mask
     assert np.array_equal(frame.slice_of(written, K), expected)
     assert written.sum() == expected.sum() > 100
@@ -225,7 +225,7 @@ def test_add_and_remove_honour_the_segment_editor_masking(scene, ct, controller,
     place_box(controller.set_tool("box"), lo, hi)
     controller.wait()
     written = frame.slice_of(segment_array(segmentation, lung, volume), K)
-    answer = interaction.decode_slice(Direct(default_predictor, frame, controller._array), K,
+    answer = interaction.decode_slice(Direct(default_predictor, frame, raw_voxels(controller)), K,
                                       SlicePrompts(boxes=(box,)), existing=np.zeros_like(plane), mode=Mode.ADD).mask
     assert np.array_equal(written, answer & ~plane)  # nothing inside the other segment
     assert np.array_equal(frame.slice_of(segment_array(segmentation, other, volume), K), plane)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import reference_labels_kji
+from conftest import raw_voxels, reference_labels_kji
 from slice_view import SlicerContext, SliceViewHarness, offscreen_rendering_error
 
 from samunet_core import interaction
@@ -56,7 +56,7 @@ def by_hand(controller, prompts: SlicePrompts) -> np.ndarray:
 
     class Decoder:
         def predict(self, k, **kw):
-            image = window_to_uint8(frame.slice_of(controller._array, k), *LUNG)
+            image = window_to_uint8(frame.slice_of(raw_voxels(controller), k), *LUNG)
             return predictor.predict(predictor.encode(image), **kw)
 
     return interaction.decode_slice(Decoder(), K, prompts).mask
