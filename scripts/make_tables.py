@@ -30,7 +30,7 @@ def eval_table(dirs: list[str]) -> str:
         n_unseen, dice_unseen = unseen_cases(s.get("by_case", {}))
         lines.append(f"| {s['model']} | {s['protocol']} | {s['n_targets']} | {s['mean_dice']:.4f} | "
                      f"{s.get('mean_nsd', float('nan')):.4f} | {mods} | {n_unseen}: {dice_unseen:.4f} | "
-                     f"{s.get('slice_stride', 1)} |")
+                     f"{'walk' if s['protocol'] == 'propagate' else s.get('slice_stride', 1)} |")
     return "\n".join(lines)
 
 

@@ -38,10 +38,8 @@ SPLEEN, LIVER = 1, 5
 @pytest.fixture(scope="module")
 def clicks_model():
     from samunet_core.predictor import load_predictor
-    from samunet_core.registry import DEFAULT_MODEL
 
-    assert DEFAULT_MODEL == "litemedsam_clicks"
-    return load_predictor(DEFAULT_MODEL, device="cpu")
+    return load_predictor("litemedsam_clicks", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 DATA = Path(__file__).resolve().parents[1] / "data" / "sam_med2d_demo"
 TRAIN_IMAGES = ("s0114_111", "s0619_32")  # training run; amos_0004_75 stays unseen for the point1 check
 HELD_OUT = "amos_0004_75"
-WEIGHTS = Path(__file__).resolve().parents[2] / "samunet_core" / "weights" / "litemedsam_clicks_v4.pt"
+WEIGHTS = Path(__file__).resolve().parents[2] / "samunet_core" / "weights" / "litemedsam_clicks_v5.pt"
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def predictor():
 
 @pytest.fixture(scope="session")
 def default_predictor():
-    """The default model (LiteMedSAM-clicks: LiteMedSAM's encoder, so it shares the embedding cache)."""
+    """The default model (registry.DEFAULT_MODEL), as the module loads it."""
     from samunet_core.predictor import load_predictor
     from samunet_core.registry import DEFAULT_MODEL
 

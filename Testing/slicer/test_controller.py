@@ -17,6 +17,7 @@ from conftest import MrmlThreadWatch, raw_voxels, reference_labels_kji
 
 from samunet_core import interaction
 from samunet_core.interaction import Click, Mode, SlicePrompts
+from samunet_core.metrics import dice
 from samunet_core.transforms import window_to_uint8
 from SAMUNetSlicerLib.controller import InteractionController
 from SAMUNetSlicerLib.masking import MaskSettings
@@ -364,3 +365,29 @@ def test_the_model_side_never_touches_mrml(scene, ct, controller):
     assert watch.c_calls > 0, "the profiler saw no calls on the worker"
     assert watch.off_main == [], f"MRML called off the main thread: {sorted(set(watch.off_main))}"
     assert segment_array(segmentation, lung, volume).any()
+
+
+def test_sam_unet_on_tinyvit_runs_in_the_module_as_the_engine_runs_it(scene, ct, embedding_cache):
+    """The SAM-UNet model (another family: fused embedding, its own cache key) behind the same controller: a click in
+    the Red view gives exactly the engine's mask for that click."""
+    from samunet_core.predictor import load_predictor
+
+    predictor = load_predictor("samunet_tinyvit", device="cpu")
+    volume, segmentation, lung, _ = ct
+    controller = InteractionController(scene.scene, predictor, cache=embedding_cache, prefetch_radius=0)
+    try:
+        controller.start(volume, segmentation, lung, window=LUNG)
+        frame = controller.frame("axial")
+        plane = frame.slice_of(reference_labels_kji() == 5, K)
+        rows, cols = np.nonzero(plane)
+        row, col = int(np.median(rows)), int(np.median(cols[rows == int(np.median(rows))]))
+        click(scene, controller, "Red", frame.display_to_world([[K, row, col]])[0])
+        controller.wait()
+        assert controller.errors == []
+        written = segment_array(segmentation, lung, volume)
+        expected = interaction.decode_slice(Direct(predictor, frame, raw_voxels(controller)), K,
+                                            SlicePrompts(clicks=(Click(col, row),))).mask
+        assert expected.any() and np.array_equal(frame.slice_of(written, K), expected)
+        assert dice(expected, plane) > 0.5
+    finally:
+        controller.close()

@@ -63,7 +63,7 @@ def test_ship_list_problems_fail(tmp_path):
     """Today's bug (the default model's .pt not shipped) and every other way the list can go wrong."""
     root = _copy_tree(tmp_path)
     ship = root / SHIP_LIST
-    _edit(ship, "samunet_core/weights/litemedsam_clicks_v4.pt\n", "")
+    _edit(ship, "samunet_core/weights/samunet_tinyvit_v1.pt\n", "")
     _edit(ship, "samunet_core/train/delta.py\n", "")
     ship.write_text(ship.read_text() + "exclude samunet_core/train/delta.py  # pretend it is training only\n"
                     "samunet_core/ghost.py\nexclude samunet_core/metrics.py\nsamunet_core/io/*.py\n"
@@ -76,7 +76,7 @@ def test_ship_list_problems_fail(tmp_path):
     result = _run(root)
     assert result.returncode == 1
     for expected in (
-            "samunet_core/weights/litemedsam_clicks_v4.pt (weights of the default model litemedsam_clicks) is not "
+            "samunet_core/weights/samunet_tinyvit_v1.pt (weights of the default model samunet_tinyvit) is not "
             "listed in SHIPPED_FILES.txt",
             "samunet_core/train/weights_source.py imports samunet_core/train/delta.py, which does not ship",
             "SHIPPED_FILES.txt lists samunet_core/ghost.py, which does not exist",
@@ -194,7 +194,7 @@ def test_missing_package_and_missing_shipped_file(monkeypatch, tmp_path):
     monkeypatch.setattr(weights_source, "WEIGHTS_DIR", tmp_path / "weights")
     status = registry.model_status(registry.DEFAULT_MODEL)
     assert not status.available and status.missing == "file"
-    assert status.weights_path == tmp_path / "weights/litemedsam_clicks_v4.pt"
+    assert status.weights_path == tmp_path / "weights/samunet_tinyvit_v1.pt"
     assert str(status.weights_path) in status.reason and "reinstall" in status.reason
     choice = model_choices()[0]
     assert choice.name == registry.DEFAULT_MODEL and not choice.enabled

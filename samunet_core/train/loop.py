@@ -58,6 +58,8 @@ class TrainConfig:
     crop: bool = True  # decode only a window of the embedding around the step's targets (cheaper on a CPU)
     crop_min_tokens: int = 32  # smallest window side in embedding tokens (x4 = grid pixels)
     crop_margin_px: int = 24  # grid pixels of context around the targets' union box
+    propagation_fraction: float = 0.0  # share of steps that are one propagation step (where slice pairs exist)
+    new_parts_lr_scale: float = 1.0  # samunet_tinyvit: lr multiplier of the randomly initialised / new modules
 
 
 def prompt_schedule(config: TrainConfig) -> dict[str, Any]:
@@ -69,7 +71,12 @@ def prompt_schedule(config: TrainConfig) -> dict[str, Any]:
             "loss": "every round (mean)" if config.loss_every_round else "last round only",
             "correction_click": "metrics.next_click (centre of largest error region), 25% a random pixel of it",
             "mask_input": "previous round's logits (no gradient)", "kd_box_round0_weight": config.kd_weight,
-            "lone_first_click": "best of the 3 ambiguity tokens" if config.multimask_first_click else "token 0"}
+            "lone_first_click": "best of the 3 ambiguity tokens" if config.multimask_first_click else "token 0",
+            "propagation": {"fraction_of_steps": config.propagation_fraction,
+                            "prompt": "box of the neighbouring slice's reference mask + the walk's margin "
+                                      "(propagate.grown_grid_box), no mask input (the walk feeds none), no "
+                                      "corrections; target empty where the structure has ended",
+                            "pairs": "slices of one volume / LIDC nodule 1-2 slices apart, both directions"}}
 
 
 EMBED_GRID = 64  # LiteMedSAM image embedding side; logits are 4x that
@@ -126,7 +133,18 @@ def paste_window(logits: Any, window: tuple[int, int, int]) -> Any:
     return full
 
 
-def _lr(config: TrainConfig, step: int) -> float:
+def training_autocast(device: str) -> Any:
+    """bf16 autocast on CUDA (the forward passes and losses of a training step), a no-op context on the CPU."""
+    import contextlib
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
@@ -214,7 +232,7 @@ def load_model_input(cache_dir: str | Path, image_hash: str) -> Any:
     return torch.from_numpy(padded).permute(2, 0, 1)[None].contiguous()
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,12 +280,29 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self.params = trainable_parameters(self.model, self.family)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        from samunet_core.train.prompt_sim import propagation_pairs
+
+        self.pairs = propagation_pairs([it.source for it in self.items], [it.input_size for it in self.items])
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.metadata = metadata or {}
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.train_seconds = 0.0
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups, each with an `lr_scale`: for samunet_tinyvit the new modules (CNN branch, adapters, bridges,
+        HQ decoder) get `new_parts_lr_scale`, SAM's own heads 1; one group otherwise."""
+        if self.family != "samunet_tinyvit" or self.config.new_parts_lr_scale == 1.0:
+            return [{"params": self.params, "lr_scale": 1.0}]
+        from samunet_core.modeling.samunet_tinyvit import parameter_group
+
+        new, sam = [], []
+        for key, param in self.model.named_parameters():
+            if param.requires_grad:
+                (sam if parameter_group(key) in ("iou_head", "sam_heads") else new).append(param)
+        groups = [{"params": new, "lr_scale": self.config.new_parts_lr_scale}]
+        return groups + ([{"params": sam, "lr_scale": 1.0}] if sam else [])
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @property
@@ -280,7 +315,7 @@ class Trainer:
         path = self.checkpoint_path
         if path is None:
             return None
-        _atomic_torch_save({"step": self.step, "trainable": trained_state(self.model, self.prefixes),
+        atomic_torch_save({"step": self.step, "trainable": trained_state(self.model, self.prefixes),
                             "optimizer": self.optimizer.state_dict(), "history": self.history,
                             "train_seconds": self.train_seconds, "config": asdict(self.config)}, path)
         digest = sha256_of_file(path)
@@ -349,56 +384,64 @@ class Trainer:
 
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, step])
-        item = self.items[int(rng.integers(len(self.items)))]
-        n_targets = len(item.names)
-        batch = min(cfg.prompts_per_step, max(2, n_targets))
-        chosen = rng.choice(n_targets, size=batch, replace=n_targets < batch)
-        masks = item.masks[chosen]
+        if cfg.propagation_fraction > 0 and self.pairs and rng.random() < cfg.propagation_fraction:
+            item, masks, prompts, window_masks = self._propagation_targets(rng)
+            mode, rounds = "propagate", 0
+        else:
+            item = self.items[int(rng.integers(len(self.items)))]
+            n_targets = len(item.names)
+            batch = min(cfg.prompts_per_step, max(2, n_targets))
+            chosen = rng.choice(n_targets, size=batch, replace=n_targets < batch)
+            masks = window_masks = item.masks[chosen]
+            mode = "box" if rng.random() < cfg.box_fraction else "points"
+            prompts = prompt_sim.first_prompts(masks, mode, rng, jitter=cfg.box_jitter)
+            probs = np.asarray(cfg.round_probs, np.float64)
+            rounds = int(rng.choice(len(probs), p=probs / probs.sum()))
+        batch = len(masks)
         embedding = self.cache.get(item.key)
         if embedding is None:
             raise RuntimeError(f"embedding of {item.source} missing from the cache; rerun the precompute")
         image_embedding = embedding.tensors["image_embedding"].to(self.device)
-        mode = "box" if rng.random() < cfg.box_fraction else "points"
-        prompts = prompt_sim.first_prompts(masks, mode, rng, jitter=cfg.box_jitter)
         tinyvit = self.family == "samunet_tinyvit"
         if tinyvit or not cfg.crop:
             window = (0, 0, EMBED_GRID)
         else:
-            window = crop_window(masks, cfg.crop_min_tokens, cfg.crop_margin_px)
+            window = crop_window(window_masks, cfg.crop_min_tokens, cfg.crop_margin_px)
         x = load_model_input(self.inputs_dir, item.key[1]).to(self.device) if tinyvit else None
-        probs = np.asarray(cfg.round_probs, np.float64)
-        rounds = int(rng.choice(len(probs), p=probs / probs.sum()))
         r0, c0, side = (4 * v for v in window)
         target = torch.as_tensor(masks[:, r0:r0 + side, c0:c0 + side], device=self.device)
         teacher_logits = None
-        if self.teacher is not None and mode == "box":
-            with torch.no_grad():
-                source = self.teacher.encode(x, image_embedding) if tinyvit else image_embedding
-                teacher_logits, _ = self._decode(self.teacher, source, prompts, None, window)
-        self.model.train()
-        if tinyvit:  # once per step, with gradient into the CNN branch and fusion; every round decodes against it
-            image_embedding = self.model.encode(x, image_embedding)
-        mask_input = None
-        losses = []
-        for r in range(rounds + 1):
-            if r == 0 and mode == "points" and cfg.multimask_first_click:
-                parts, logits = self._lone_click_round(image_embedding, prompts, target, window)
-                losses.append(parts)
-            elif not cfg.loss_every_round and r < rounds:
+        # fusion "inside" (SAMUNetTinyViT) runs TinyViT with the CNN injections, gradient through it: no cached E
+        cached_e = image_embedding if getattr(self.model, "fusion", "after") == "after" else None
+        with training_autocast(self.device):  # bf16 on CUDA, nothing on the CPU
+            if self.teacher is not None and mode == "box":
                 with torch.no_grad():
-                    logits, _ = self._decode(self.model, image_embedding, prompts, mask_input, window)
-            else:
-                logits, iou_pred = self._decode(self.model, image_embedding, prompts, mask_input, window)
-                losses.append(segmentation_loss(logits, iou_pred, target, teacher_logits if r == 0 else None,
-                                                cfg.kd_weight))
-            if r < rounds:
-                full = paste_window(logits.detach(), window)
-                prompt_sim.add_corrections(prompts, (full[:, 0] > 0).cpu().numpy(), masks, item.input_size, rng)
-                mask_input = full
-        parts = losses[-1]
-        total = sum(part.total for part in losses) / len(losses)
+                    source = self.teacher.encode(x, cached_e) if tinyvit else image_embedding
+                    teacher_logits, _ = self._decode(self.teacher, source, prompts, None, window)
+            self.model.train()
+            if tinyvit:  # once per step, with gradient into the CNN branch and fusion; every round decodes against it
+                image_embedding = self.model.encode(x, cached_e)
+            mask_input = None
+            losses = []
+            for r in range(rounds + 1):
+                if r == 0 and mode == "points" and cfg.multimask_first_click:
+                    parts, logits = self._lone_click_round(image_embedding, prompts, target, window)
+                    losses.append(parts)
+                elif not cfg.loss_every_round and r < rounds:
+                    with torch.no_grad():
+                        logits, _ = self._decode(self.model, image_embedding, prompts, mask_input, window)
+                else:
+                    logits, iou_pred = self._decode(self.model, image_embedding, prompts, mask_input, window)
+                    losses.append(segmentation_loss(logits, iou_pred, target, teacher_logits if r == 0 else None,
+                                                    cfg.kd_weight))
+                if r < rounds:
+                    full = paste_window(logits.detach(), window)
+                    prompt_sim.add_corrections(prompts, (full[:, 0] > 0).cpu().numpy(), masks, item.input_size, rng)
+                    mask_input = full
+            parts = losses[-1]
+            total = sum(part.total for part in losses) / len(losses)
         for group in self.optimizer.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = lr_at(cfg, step) * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -407,7 +450,28 @@ class Trainer:
         self.model.eval()
         return {"step": step, "loss": float(total.detach()), "focal": parts.focal, "dice": parts.dice,
                 "iou_mse": parts.iou_mse, "kd": parts.kd, "iou": parts.iou, "rounds": rounds,
-                "box": float(mode == "box"), "batch": batch}
+                "box": float(mode == "box"), "propagate": float(mode == "propagate"), "batch": batch}
+
+    def _propagation_targets(self, rng: np.random.Generator) -> tuple[CachedItem, np.ndarray, Any, np.ndarray]:
+        """One propagation step's data: a (prev, next) slice pair, up to `prompts_per_step` of prev's structures.
+        Returns (next slice's item, Bx256x256 targets on it (empty where the structure ended), the walk's box prompts
+        from prev's masks, the masks the crop window must cover)."""
+        from samunet_core.train import prompt_sim
+
+        prev_index, next_index = self.pairs[int(rng.integers(len(self.pairs)))]
+        prev, nxt = self.items[prev_index], self.items[next_index]
+        n_targets = len(prev.names)
+        batch = min(self.config.prompts_per_step, n_targets)
+        chosen = rng.choice(n_targets, size=batch, replace=False)
+        prev_masks = prev.masks[chosen]
+        index = {name: i for i, name in enumerate(nxt.names)}
+        targets = np.zeros_like(prev_masks)
+        for row, c in enumerate(chosen):
+            j = index.get(prev.names[c])
+            if j is not None:
+                targets[row] = nxt.masks[j]
+        prompts = prompt_sim.propagation_prompts(prev_masks)
+        return nxt, targets, prompts, np.concatenate([prev_masks, targets])
 
     def run(self, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:
         """Train from the current step to `config.steps`, checkpointing; returns the history."""

@@ -6,11 +6,16 @@ pixel). Then corrective clicks: `samunet_core.metrics.next_click` on the current
 `samunet eval` (centre of the largest error region, positive in a miss, negative in a false positive), sometimes moved
 to a random pixel of that region.
 
+Propagation (one more prompt kind): on two slices of one volume, the previous slice's mask gives the next slice's
+box exactly as the propagation walk makes it (`samunet_core.propagate.chained_box`: its box + 3 grid px); the target
+is the next slice's mask of that structure, empty where the structure has ended (so the model learns to stop).
+
 Coordinates are (x=col, y=row) in the 256 grid, the frame the prompt encoder takes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,3 +118,52 @@ def add_corrections(prompts: Prompts, preds: np.ndarray, masks: np.ndarray, inpu
         prompts.clicks[i].append((float(x), float(y), 1 if click.positive else 0))
         added += 1
     return added
+
+
+# -- propagation: the previous slice's mask prompts the next slice ----------------------------------------------------
+_STACK_SLICE = re.compile(r"^(?P<stack>.+):k(?P<k>\d+)(?P<window>(:w[^:]+)?)$")  # a 3D case's slice (data.py)
+_LIDC_SLICE = re.compile(r"^(?P<stack>lidc/.+_n\d+)_s(?P<k>\d+)$")  # one nodule's crops, slice k of its CT
+PROPAGATION_MAX_GAP = 2  # LIDC keeps a nodule's largest slice and the slices 2 above and below
+
+
+def slice_position(source: str) -> tuple[str, int] | None:
+    """A training image id -> (stack id, slice index) when it is one slice of a volume, else None.
+
+    '<case>:k<k>[:w<lo>,<hi>]' (a slice of a 3D manifest case; the window is part of the stack id, as a windowed
+    record has its own targets) and 'lidc/<patient>_n<nodule>_s<k>' (LIDC-IDRI crops). Mirrored / rotated copies
+    (':flip', ':aug<n>') and 2D sources have no neighbours: None.
+    """
+    for pattern in (_STACK_SLICE, _LIDC_SLICE):
+        match = pattern.match(source)
+        if match:
+            stack = match.group("stack") + (match.groupdict().get("window") or "")
+            return stack, int(match.group("k"))
+    return None
+
+
+def propagation_pairs(sources: list[str], input_sizes: list[tuple[int, int]],
+                      max_gap: int = PROPAGATION_MAX_GAP) -> list[tuple[int, int]]:
+    """Index pairs (prev, next) of images that are slices of one stack, 1..max_gap slices apart, with the same model
+    grid size; both directions (a walk goes up and down). Each slice pairs with its nearest neighbour on each side."""
+    stacks: dict[str, list[tuple[int, int]]] = {}
+    for i, source in enumerate(sources):
+        position = slice_position(source)
+        if position is not None:
+            stacks.setdefault(position[0], []).append((position[1], i))
+    pairs = []
+    for members in stacks.values():
+        members.sort()
+        for (ka, a), (kb, b) in zip(members, members[1:], strict=False):
+            if 0 < kb - ka <= max_gap and input_sizes[a] == input_sizes[b]:
+                pairs.extend([(a, b), (b, a)])
+    return sorted(pairs)
+
+
+def propagation_prompts(prev_masks: np.ndarray, margin: float | None = None) -> Prompts:
+    """Bx256x256 bool masks of the previous slice (each non-empty) -> the walk's boxes on the next slice
+    (`propagate.grown_grid_box`; margin: the walk's `PropagationParams.box_margin` unless given)."""
+    from samunet_core.propagate import PropagationParams, grown_grid_box
+
+    margin = PropagationParams().box_margin if margin is None else margin
+    boxes = np.stack([grown_grid_box(mask, margin) for mask in prev_masks]).astype(np.float32)
+    return Prompts(boxes, [[] for _ in prev_masks])

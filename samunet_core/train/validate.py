@@ -19,27 +19,52 @@ ENCODER_ID = "litemedsam"  # both models encode with this encoder
 
 
 class CachedEncoderPredictor:
-    """A Predictor whose `encode` goes through a disk-backed EmbeddingCache (fp32, exact) keyed by image content."""
+    """A Predictor whose `encode` goes through a disk-backed EmbeddingCache (fp32, exact) of the frozen TinyViT's
+    embedding, keyed by image content. For SAM-UNet on TinyViT the cached embedding feeds the model's CNN branch and
+    fusion (`model.encode(x, image_embedding=E)`), so every model in a validation shares one TinyViT pass per image."""
 
     def __init__(self, predictor: Any, cache_dir: str | Path) -> None:
         from samunet_core.cache import EmbeddingCache
+        from samunet_core.train.loop import model_family
 
         self.predictor = predictor
         self.model_id = predictor.model_id
+        self.encoder_id = predictor.encoder_id
+        self.weights = predictor.weights
         self.device = predictor.device
+        self.fused = model_family(predictor.model) == "samunet_tinyvit"
         self.cache = EmbeddingCache(max_bytes=256 * 1024 * 1024, fp16=False, disk_dir=cache_dir)
 
+    def _model_input(self, image: np.ndarray) -> Any:
+        import torch
+
+        array, _ = self.predictor.prepare(image)
+        return torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device)
+
     def encode(self, image: np.ndarray) -> Any:
+        import torch
+
         from samunet_core.cache import content_hash
         from samunet_core.predictor import Embedding
 
         key = (ENCODER_ID, content_hash(np.asarray(image)), "")
         embedding = self.cache.get(key)
         if embedding is None:
-            embedding = self.predictor.encode(image)
+            if self.fused:
+                mapping = self.predictor.prepare(image)[1]
+                with torch.inference_mode():
+                    tensors = {"image_embedding": self.predictor.model.image_encoder(self._model_input(image))}
+                embedding = Embedding(ENCODER_ID, tensors, mapping.original_size, mapping.input_size)
+            else:
+                embedding = self.predictor.encode(image)
             self.cache.put(key, Embedding(ENCODER_ID, embedding.tensors, embedding.original_size,
                                           embedding.input_size))
-        return Embedding(self.model_id, embedding.tensors, embedding.original_size, embedding.input_size)
+        tensors = embedding.tensors
+        if self.fused:
+            with torch.inference_mode():
+                tensors = self.predictor.model.encode(self._model_input(image),
+                                                      image_embedding=tensors["image_embedding"].to(self.device))
+        return Embedding(self.encoder_id, tensors, embedding.original_size, embedding.input_size)
 
     def predict(self, embedding: Any, **prompts: Any) -> Any:
         return self.predictor.predict(embedding, **prompts)

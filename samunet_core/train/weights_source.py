@@ -82,3 +82,44 @@ class LiteMedSAMDeltaWeights:
         model.eval()
         return {"base": str(base_path), "base_sha256": LITEMEDSAM_SHA256, "delta_tensors": n,
                 "training": blob.get("metadata", {}).get("run", {})}
+
+
+class SAMUNetTinyViTDeltaWeights(LiteMedSAMDeltaWeights):
+    """A samunet_tinyvit delta (every part but the frozen TinyViT) shipped in samunet_core/weights/, on top of the
+    packaged base checkpoint's TinyViT. `backbone` is the CNN branch the delta was trained with (checked against the
+    delta's metadata)."""
+
+    def __init__(self, filename: str, sha256: str, backbone: str) -> None:
+        super().__init__(filename, sha256)
+        self.backbone = backbone
+
+    def load_into(self, model: Any, path: str | Path, trust: bool = False) -> dict[str, Any]:
+        """The base checkpoint's `image_encoder.*` strictly into the TinyViT, then the delta strictly for every other
+        key; together they must cover the model's state exactly. Returns provenance extras."""
+        from samunet_core.checkpoints import read_state_dict, verify_sha256
+        from samunet_core.train.delta import apply_delta, read_delta
+
+        base_path = base_weights().require()
+        verify_sha256(base_path, LITEMEDSAM_SHA256)
+        blob = read_delta(path)
+        if blob.get("base_sha256") != LITEMEDSAM_SHA256:
+            raise CheckpointError(f"{path} was trained on another base checkpoint (sha256 {blob.get('base_sha256')})"
+                                  f", not lite_medsam.pth {LITEMEDSAM_SHA256[:12]}...")
+        trained_with = blob.get("metadata", {}).get("backbone", "resnet34")
+        if trained_with != self.backbone:
+            raise CheckpointError(f"{path} holds a {trained_with} CNN branch; this model is built with {self.backbone}")
+        fusion = blob.get("metadata", {}).get("fusion", "after")
+        if fusion != getattr(model, "fusion", "after"):
+            raise CheckpointError(f"{path} was trained with fusion '{fusion}'; this model fuses "
+                                  f"'{getattr(model, 'fusion', 'after')}'")
+        encoder_state = {k.removeprefix("image_encoder."): v for k, v in read_state_dict(base_path, trust=trust).items()
+                         if k.startswith("image_encoder.")}
+        model.image_encoder.load_state_dict(encoder_state, strict=True)
+        covered = {f"image_encoder.{k}" for k in encoder_state} | set(blob["state_dict"])
+        missing = sorted(set(model.state_dict()) - covered)
+        if missing:
+            raise CheckpointError(f"{path} with the base TinyViT leaves {len(missing)} tensors unset: {missing[:6]}")
+        n = apply_delta(model, blob, str(path))
+        model.eval()
+        return {"base": str(base_path), "base_sha256": LITEMEDSAM_SHA256, "delta_tensors": n,
+                "backbone": self.backbone, "training": blob.get("metadata", {}).get("run", {})}
