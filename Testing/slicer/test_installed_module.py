@@ -201,12 +201,12 @@ def test_installed_module_loads_the_default_model_and_segments_a_ct_slice(tmp_pa
     assert inside(result["weights_path"], lib), result["weights_path"]
     assert Path(result["weights_extra"]["base"]).name == "lite_medsam.pth"
 
-    # and it segments the right lung on a real CT slice from a box (the default click model gives 0.748 here, the
-    # base LiteMedSAM 0.873: the click model's known box regression on this 128x128 CT), exactly as the repository's
-    # engine does
+    # and it segments the right lung on a real CT slice from a box (the default samunet_tinyvit gives 0.640 here,
+    # litemedsam_clicks v4 0.748, the base LiteMedSAM 0.873: the fine-tuned models' known box regression on this
+    # chest CT's lungs, docs/training.md), exactly as the repository's engine does
     mask = np.load(tmp_path / "out/mask.npy")
     assert mask.shape == plane.shape
-    assert dice(mask, plane) > 0.7, f"Dice {dice(mask, plane):.3f} of the installed default model on the right lung"
+    assert dice(mask, plane) > 0.6, f"Dice {dice(mask, plane):.3f} of the installed default model on the right lung"
     assert dice(mask, repository_mask(lung_box(plane))) > 0.99
 
 
