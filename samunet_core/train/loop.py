@@ -475,25 +475,32 @@ class Trainer:
 
     def run(self, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:
         """Train from the current step to `config.steps`, checkpointing; returns the history."""
-        from tqdm import tqdm
+        return run_steps(self, progress, stop_after_s)
 
-        cfg = self.config
-        ema = None
-        started = time.perf_counter()
-        with tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                record = self.train_step(self.step)
-                self.train_seconds += time.perf_counter() - t0
-                self.history.append(record)
-                self.step += 1
-                ema = record["loss"] if ema is None else 0.9 * ema + 0.1 * record["loss"]
-                bar.set_postfix(loss=f"{ema:.3f}", iou=f"{record['iou']:.2f}")
-                bar.update(1)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
-                    break
-        if cfg.checkpoint_every:
-            self.save_checkpoint()
-        return self.history
+
+def run_steps(trainer: Any, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:
+    """The step loop every trainer shares: `trainer.train_step(step)` from `trainer.step` to `trainer.config.steps`
+    with a tqdm bar (EMA of the loss), the history and the training time kept, a checkpoint every
+    `config.checkpoint_every` steps and at the end; stops early after `stop_after_s`. Returns the history."""
+    from tqdm import tqdm
+
+    cfg = trainer.config
+    ema = None
+    started = time.perf_counter()
+    with tqdm(total=cfg.steps, initial=trainer.step, desc="train", unit="step", disable=not progress) as bar:
+        while trainer.step < cfg.steps:
+            t0 = time.perf_counter()
+            record = trainer.train_step(trainer.step)
+            trainer.train_seconds += time.perf_counter() - t0
+            trainer.history.append(record)
+            trainer.step += 1
+            ema = record["loss"] if ema is None else 0.9 * ema + 0.1 * record["loss"]
+            bar.set_postfix(loss=f"{ema:.3f}", iou=f"{record['iou']:.2f}")
+            bar.update(1)
+            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                trainer.save_checkpoint()
+            if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
+                break
+    if cfg.checkpoint_every:
+        trainer.save_checkpoint()
+    return trainer.history

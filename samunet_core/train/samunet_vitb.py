@@ -260,28 +260,9 @@ class VitBTrainer:
 
     def run(self, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:
         """Train from the current step to `config.steps`, checkpointing; returns the history."""
-        from tqdm import tqdm
+        from samunet_core.train.loop import run_steps
 
-        cfg = self.config
-        ema = None
-        started = time.perf_counter()
-        with tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                record = self.train_step(self.step)
-                self.train_seconds += time.perf_counter() - t0
-                self.history.append(record)
-                self.step += 1
-                ema = record["loss"] if ema is None else 0.9 * ema + 0.1 * record["loss"]
-                bar.set_postfix(loss=f"{ema:.3f}", iou=f"{record['iou']:.2f}")
-                bar.update(1)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
-                    break
-        if cfg.checkpoint_every:
-            self.save_checkpoint()
-        return self.history
+        return run_steps(self, progress, stop_after_s)
 
 
 def export(model: Any, out: str | Path, metadata: dict[str, Any]) -> str:
