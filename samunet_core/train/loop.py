@@ -338,12 +338,7 @@ class Trainer:
 
             raise CheckpointError(f"{path} is not a {self.family} training checkpoint (its tensors differ); pass "
                                   "--restart or another --run-dir")
-        state = self.model.state_dict()
-        state.update(blob["trainable"])
-        self.model.load_state_dict(state, strict=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.step, self.history = int(blob["step"]), list(blob["history"])
-        self.train_seconds = float(blob.get("train_seconds", 0.0))
+        restore_training_state(self, blob)
         return True
 
     # -- one step -------------------------------------------------------------------------------------------------
@@ -476,6 +471,17 @@ class Trainer:
     def run(self, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:
         """Train from the current step to `config.steps`, checkpointing; returns the history."""
         return run_steps(self, progress, stop_after_s)
+
+
+def restore_training_state(trainer: Any, blob: dict[str, Any]) -> None:
+    """Put a checked training checkpoint back: its trained tensors into `trainer.model` (strictly, with the rest of the
+    model's own state), the optimizer state, the step, the history and the training time."""
+    state = trainer.model.state_dict()
+    state.update(blob["trainable"])
+    trainer.model.load_state_dict(state, strict=True)
+    trainer.optimizer.load_state_dict(blob["optimizer"])
+    trainer.step, trainer.history = int(blob["step"]), list(blob["history"])
+    trainer.train_seconds = float(blob.get("train_seconds", 0.0))
 
 
 def run_steps(trainer: Any, progress: bool = True, stop_after_s: float | None = None) -> list[dict[str, float]]:

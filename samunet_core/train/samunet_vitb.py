@@ -188,12 +188,9 @@ class VitBTrainer:
                 or any(blob["trainable"][k].shape != v.shape for k, v in own.items()):
             raise CheckpointError(f"{path} is not a training checkpoint of this model ({self.model.backbone}); pass "
                                   "--restart or another --run-dir")
-        state = self.model.state_dict()
-        state.update(blob["trainable"])
-        self.model.load_state_dict(state, strict=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.step, self.history = int(blob["step"]), list(blob["history"])
-        self.train_seconds = float(blob.get("train_seconds", 0.0))
+        from samunet_core.train.loop import restore_training_state
+
+        restore_training_state(self, blob)
         return True
 
     # -- one step -------------------------------------------------------------------------------------------------
