@@ -79,6 +79,18 @@ class _Family:
         raise NotImplementedError
 
 
+def _image_side_cache(embedding: Embedding, model: Any, cached: Any) -> Any:
+    """The decoder's prompt-independent state for this slice (`model.image_side_cache(cached)`), kept in the
+    embedding's scratch. It holds projections by THIS decoder's weights, so it is keyed by the model; models sharing
+    the encoder share the embedding but not this."""
+    slot = ("decoder_cache", id(model))
+    side = embedding.scratch.get(slot)
+    device = next(iter(cached.values())).device if isinstance(cached, dict) else cached.device
+    if side is None or side.keys.device != device:
+        side = embedding.scratch[slot] = model.image_side_cache(cached)
+    return side
+
+
 class _LiteMedSAMFamily(_Family):
     preprocessing = LiteMedSAMInput
     logits_grid = 256
@@ -88,11 +100,7 @@ class _LiteMedSAMFamily(_Family):
 
     def decode(self, embedding, tensors, coords, labels, boxes, mask_input):
         image = tensors["image_embedding"]
-        # The cache holds projections by THIS decoder's weights; models sharing the encoder share the embedding.
-        slot = ("decoder_cache", id(self.model))
-        cache = embedding.scratch.get(slot)
-        if cache is None or cache.keys.device != image.device:
-            cache = embedding.scratch[slot] = self.model.image_side_cache(image)
+        cache = _image_side_cache(embedding, self.model, image)
         logits, iou = self.model.decode_cached(image, cache, coords, labels, boxes, mask_input)
         return logits, iou[:, 0]
 
@@ -122,10 +130,7 @@ class _SAMUNetTinyViTFamily(_Family):
         return self.model.encode(x)
 
     def decode(self, embedding, tensors, coords, labels, boxes, mask_input):
-        slot = ("decoder_cache", id(self.model))
-        cache = embedding.scratch.get(slot)
-        if cache is None or cache.keys.device != tensors["image_embedding"].device:
-            cache = embedding.scratch[slot] = self.model.image_side_cache(tensors)
+        cache = _image_side_cache(embedding, self.model, tensors)
         logits, iou = self.model.decode(tensors, coords, labels, boxes, mask_input, side_cache=cache)
         return logits, iou[:, 0]
 

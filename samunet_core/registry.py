@@ -180,7 +180,7 @@ register(_samunet_tinyvit_spec(
 
 
 # The model used when none is named: the better of litemedsam_clicks and samunet_tinyvit on the validation split over
-# box and clicks together (mean of box, point1, point3, point5: 0.7510 against 0.7448; docs/training.md).
+# box and clicks together (mean of box, point1, point3, point5: 0.7509 against 0.7448; docs/training.md).
 DEFAULT_MODEL = "samunet_tinyvit"
 
 

@@ -47,3 +47,31 @@ def load_mask(path: Path) -> np.ndarray:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def random_sam_vit_b_state(seed: int = 3) -> dict:
+    """A randomly initialised stand-in with exactly the original SAM ViT-B checkpoint's layout (position embedding and
+    relative-position tables drawn too, so their interpolation is visible)."""
+    import torch
+
+    from samunet_core.modeling.sam_parts import build_original_sam_vit_b
+
+    torch.manual_seed(seed)
+    sam = build_original_sam_vit_b()
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if name == "image_encoder.pos_embed" or "rel_pos" in name:
+                p.normal_()
+    return sam.state_dict()
+
+
+def one_click_dice(predictor, embedding, masks) -> list[float]:
+    """Dice of each mask against the model's answer to one positive click at its most interior point (point1)."""
+    from samunet_core import metrics
+
+    out = []
+    for mask in masks:
+        x, y = metrics.interior_point(metrics.largest_component(mask))
+        pred = predictor.predict(embedding, points=np.array([[x, y]], float), labels=np.array([1])).masks[0]
+        out.append(metrics.dice(pred, mask))
+    return out

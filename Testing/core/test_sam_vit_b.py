@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SAM_MED2D
+from conftest import SAM_MED2D, random_sam_vit_b_state
 from PIL import Image
 
 from samunet_core.errors import InputError
 from samunet_core.model_input import SAMUNetInput
-from samunet_core.modeling.sam_parts import build_original_sam_vit_b
 from samunet_core.train.sam_vit_b import (
     check_sam_vit_b,
     load_samunet_from_sam_vit_b,
@@ -53,13 +52,7 @@ def _counts(model) -> tuple[int, int, int]:
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
     """(path of the saved stand-in SAM ViT-B checkpoint, its state dict)."""
-    torch.manual_seed(3)
-    sam = build_original_sam_vit_b()
-    with torch.no_grad():
-        for name, p in sam.named_parameters():
-            if name == "image_encoder.pos_embed" or "rel_pos" in name:
-                p.normal_()
-    state = sam.state_dict()
+    state = random_sam_vit_b_state()
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b_standin.pth"
     torch.save(state, path)
     return path, state

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_click_dice
 from PIL import Image
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "sam_med2d_demo"
@@ -58,24 +59,34 @@ def test_delta_loads_strictly_with_its_card(shipped, tmp_path):
         spec.weights.load_into(fresh, tmp_path / "broken.pt")
 
 
-def _point1(predictor, image, masks) -> list[float]:
-    from samunet_core import metrics
-
-    embedding = predictor.encode(image)
-    dice = []
-    for mask in masks:
-        x, y = metrics.interior_point(metrics.largest_component(mask))
-        pred = predictor.predict(embedding, points=np.array([[x, y]], float), labels=np.array([1])).masks[0]
-        dice.append(metrics.dice(pred, mask))
-    return dice
-
-
 def test_one_click_beats_the_base_model_on_an_unseen_slice(shipped):
     from samunet_core.predictor import Predictor, load_predictor
 
     spec, model, info = shipped
     image = np.array(Image.open(DATA / "images" / f"{HELD_OUT}.png"))
     masks = [np.array(Image.open(p)) > 0 for p in sorted((DATA / "masks").glob(f"{HELD_OUT}_*.png"))]
-    new = _point1(Predictor(model, "samunet_tinyvit", spec.family, device="cpu", weights=info), image, masks)
-    base = _point1(load_predictor("litemedsam", device="cpu"), image, masks)
+    predictors = (Predictor(model, "samunet_tinyvit", spec.family, device="cpu", weights=info),
+                  load_predictor("litemedsam", device="cpu"))
+    new, base = (one_click_dice(p, p.encode(image), masks) for p in predictors)
     assert np.mean(new) > np.mean(base) + 0.3, (base, new)
+
+
+def test_validation_shares_the_tinyvit_pass_and_gives_the_models_own_embedding(shipped, tmp_path):
+    """train/validate's cached path (frozen TinyViT embedding from a disk cache, CNN branch and fusion on top) gives
+    the embedding the model makes itself, on a cache miss and on a hit."""
+    import torch
+
+    from samunet_core.predictor import Predictor
+    from samunet_core.train.validate import CachedEncoderPredictor
+
+    spec, model, info = shipped
+    predictor = Predictor(model, "samunet_tinyvit", spec.family, device="cpu", weights=info)
+    image = np.array(Image.open(DATA / "images" / f"{HELD_OUT}.png"))
+    direct = predictor.encode(image)
+    cached = CachedEncoderPredictor(predictor, tmp_path)
+    for _ in ("miss", "hit"):
+        embedding = cached.encode(image)
+        assert embedding.model_id == predictor.encoder_id
+        for key in ("image_embedding", "msf"):
+            torch.testing.assert_close(embedding.tensors[key], direct.tensors[key], rtol=0, atol=1e-5)
+    assert len(list(tmp_path.rglob("*.pt"))) == 1  # one TinyViT embedding on disk, the fused one is not stored

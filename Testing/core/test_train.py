@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_click_dice
 from PIL import Image
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "sam_med2d_demo"
@@ -208,17 +209,6 @@ def test_delta_roundtrip_is_strict(tmp_path):
         read_delta(tmp_path / "bad.pt")
 
 
-def _point1_dice(predictor, embedding, masks) -> list[float]:
-    from samunet_core import metrics
-
-    out = []
-    for mask in masks:
-        x, y = metrics.interior_point(metrics.largest_component(mask))
-        pred = predictor.predict(embedding, points=np.array([[x, y]], float), labels=np.array([1])).masks[0]
-        out.append(metrics.dice(pred, mask))
-    return out
-
-
 def test_shipped_weights_load_strictly_and_improve_point1(base_predictor):
     from samunet_core.checkpoints import sha256_of_file
     from samunet_core.modeling.litemedsam import build_litemedsam
@@ -237,10 +227,10 @@ def test_shipped_weights_load_strictly_and_improve_point1(base_predictor):
     image = np.array(Image.open(DATA / "images" / f"{HELD_OUT}.png"))
     masks = [np.array(Image.open(p)) > 0 for p in sorted((DATA / "masks").glob(f"{HELD_OUT}_*.png"))]
     embedding = base_predictor.encode(image)
-    base = _point1_dice(base_predictor, embedding, masks)
+    base = one_click_dice(base_predictor, embedding, masks)
     from samunet_core.predictor import Embedding
 
-    clicks = _point1_dice(trained, Embedding("litemedsam_clicks", embedding.tensors, embedding.original_size,
+    clicks = one_click_dice(trained, Embedding("litemedsam_clicks", embedding.tensors, embedding.original_size,
                                              embedding.input_size), masks)
     assert np.mean(clicks) > np.mean(base) + 0.3, (base, clicks)
 

@@ -14,12 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SAM_MED2D
+from conftest import SAM_MED2D, random_sam_vit_b_state
 from PIL import Image
 
 from samunet_core.checkpoints import sha256_of_file
 from samunet_core.cli import main
-from samunet_core.modeling.sam_parts import build_original_sam_vit_b
 
 TARGETS = {"amos_0004_75": ("liver", "aorta"), "amos_0006_90": ("liver", "spleen")}
 SEED = 1  # step 0: a box on amos_0004_75; step 1: points on amos_0006_90 with 2 correction rounds
@@ -28,14 +27,8 @@ VIT = "image_encoder.sam_img_encoder."
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
-    torch.manual_seed(3)
-    sam = build_original_sam_vit_b()
-    with torch.no_grad():
-        for name, p in sam.named_parameters():
-            if name == "image_encoder.pos_embed" or "rel_pos" in name:
-                p.normal_()
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b_standin.pth"
-    torch.save({k: v.half() for k, v in sam.state_dict().items()}, path)
+    torch.save({k: v.half() for k, v in random_sam_vit_b_state().items()}, path)
     return path
 
 

@@ -35,11 +35,12 @@ class CachedEncoderPredictor:
         self.fused = model_family(predictor.model) == "samunet_tinyvit"
         self.cache = EmbeddingCache(max_bytes=256 * 1024 * 1024, fp16=False, disk_dir=cache_dir)
 
-    def _model_input(self, image: np.ndarray) -> Any:
+    def _model_input(self, image: np.ndarray) -> tuple[Any, Any]:
+        """(1x3x256x256 model input on the device, grid mapping)."""
         import torch
 
-        array, _ = self.predictor.prepare(image)
-        return torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device)
+        array, mapping = self.predictor.prepare(image)
+        return torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device), mapping
 
     def encode(self, image: np.ndarray) -> Any:
         import torch
@@ -49,11 +50,11 @@ class CachedEncoderPredictor:
 
         key = (ENCODER_ID, content_hash(np.asarray(image)), "")
         embedding = self.cache.get(key)
+        x, mapping = self._model_input(image) if self.fused else (None, None)
         if embedding is None:
             if self.fused:
-                mapping = self.predictor.prepare(image)[1]
                 with torch.inference_mode():
-                    tensors = {"image_embedding": self.predictor.model.image_encoder(self._model_input(image))}
+                    tensors = {"image_embedding": self.predictor.model.image_encoder(x)}
                 embedding = Embedding(ENCODER_ID, tensors, mapping.original_size, mapping.input_size)
             else:
                 embedding = self.predictor.encode(image)
@@ -62,8 +63,7 @@ class CachedEncoderPredictor:
         tensors = embedding.tensors
         if self.fused:
             with torch.inference_mode():
-                tensors = self.predictor.model.encode(self._model_input(image),
-                                                      image_embedding=tensors["image_embedding"].to(self.device))
+                tensors = self.predictor.model.encode(x, image_embedding=tensors["image_embedding"].to(self.device))
         return Embedding(self.encoder_id, tensors, embedding.original_size, embedding.input_size)
 
     def predict(self, embedding: Any, **prompts: Any) -> Any:
