@@ -24,6 +24,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from samunet_core.runtime import RUNTIME_CHOICES  # stdlib + numpy only: safe before dependencies are installed
+
 POLL_MS = 30
 
 
@@ -52,6 +54,7 @@ class SAMUNetSlicerParameterNode:
     segmentID: str = ""
     model: str = ""  # a registry name; the widget offers only models whose weights are present
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    runtime: Annotated[str, Choice(list(RUNTIME_CHOICES))] = "auto"  # the image encoder's: samunet_core/runtime.py
     correction: Annotated[str, Choice(["replace", "add", "remove"])] = "replace"
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
@@ -304,12 +307,14 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SAMUNetSlicerParameterNode(super().getParameterNode())
 
-    def predictor(self, model: str, device: str):
-        key = (model, device)
+    def predictor(self, model: str, device: str, runtime: str = "auto"):
+        """The loaded model (kept per model, device and encoder runtime). The first use of an exported runtime
+        builds its export (tens of seconds, once per weights and runtime version; cached on disk)."""
+        key = (model, device, runtime)
         if key not in self._predictors:
             from samunet_core.predictor import load_predictor
 
-            self._predictors[key] = load_predictor(model, device=device)
+            self._predictors[key] = load_predictor(model, device=device, runtime=runtime)
         return self._predictors[key]
 
     def cache(self):
@@ -344,7 +349,8 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
         from SAMUNetSlicerLib.controller import InteractionController
 
         p = parameterNode
-        return InteractionController(slicer.mrmlScene, predictor or self.predictor(p.model or None, p.device),
+        predictor = predictor or self.predictor(p.model or None, p.device, p.runtime)
+        return InteractionController(slicer.mrmlScene, predictor,
                                      cache=self.cache(), settings=self.maskSettings,
                                      undo_history=self.segmentEditorUndo, negative_modifier=negative_modifier,
                                      status=status)
@@ -352,7 +358,7 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
     def startController(self, controller, parameterNode) -> None:
         """Bind the parameter node's volume, segmentation and segment; prompt nodes are created once per scene."""
         p = parameterNode
-        controller.predictor = self.predictor(p.model or None, p.device)
+        controller.predictor = self.predictor(p.model or None, p.device, p.runtime)
         controller.start(p.inputVolume, p.segmentation, p.segmentID, p.positivePoints, p.negativePoints,
                          mode=p.correction)
         p.positivePoints, p.negativePoints = controller.positive_node, controller.negative_node
@@ -367,7 +373,7 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
         prompts = controller.prompt_file(name, propagate)
         volumes = volumes or list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
         targets = make_targets(slicer.mrmlScene, volumes, name)
-        runner = BatchRunner(targets, predictor or self.predictor(p.model or None, p.device), prompts,
+        runner = BatchRunner(targets, predictor or self.predictor(p.model or None, p.device, p.runtime), prompts,
                              cache=self.cache(), settings=self.maskSettings(), undo_history=self.segmentEditorUndo)
         runner.start()
         return runner

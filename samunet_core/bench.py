@@ -4,14 +4,14 @@ Measured on real CT slices, per device (CPU always; CUDA too when present and as
 - encoder_ms: one slice through `Predictor.encode` (p50/p95 over >= 20 runs after warm-up);
 - decoder_ms: one prompt through `Predictor.predict` without the mask upsampling (>= 100 prompts);
 - click_to_mask_ms: `VolumeSession.predict` on a cached slice: prompt in, full-size HxW mask array out;
-- volume_slices_per_s: a session encoding consecutive slices of a volume;
-- the memory check: a session over a 300-slice 512x512 CT (real slices stacked) with the default cache cap, encoding
-  enough slices to fill the cap and evict; peak RSS of the process must stay under 2 GB.
+- volume_slices_per_s: a session precomputing a volume (`VolumeSession.precompute`, batched as its prefetch is);
+- the memory check: a session precomputing a 300-slice 512x512 CT (real slices stacked) with the default cache cap
+  (it fills and evicts); peak RSS of the process must stay under 1.5 GiB.
+Each encoder runtime (samunet_core/runtime.py) is measured in its own process, side by side.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -24,7 +24,7 @@ import numpy as np
 from samunet_core.errors import InputError
 
 MEMORY_CHECK_SLICES = 300
-MEMORY_LIMIT_BYTES = 2 * 1024**3
+MEMORY_LIMIT_BYTES = int(1.5 * 1024**3)
 CT_WINDOW = (-160.0, 240.0)
 
 
@@ -93,10 +93,10 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
 
 
 def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: int = 20, decoder_runs: int = 100,
-                 volume_slices: int = 8, memory_slices: int | None = None, progress: Callable[[str], None] = print
-                 ) -> dict[str, Any]:
-    """All measurements on one device. hu_slices: KxHxW real CT slices in HU. memory_slices: how many slices the memory
-    check encodes (None: enough to fill the default cache cap and evict; 0: skip)."""
+                 volume_slices: int = 16, memory_slices: int | None = None, runtime: str = "torch",
+                 progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """All measurements of one runtime on one device. hu_slices: KxHxW real CT slices in HU. memory_slices: how many
+    slices of the 300-slice volume the memory check precomputes (None: all 300; 0: skip)."""
     import torch
 
     from samunet_core.cache import EmbeddingCache, content_hash
@@ -107,18 +107,19 @@ def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: i
     slices = window_to_uint8(hu_slices, *CT_WINDOW)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
-    predictor = load_predictor(model, device=device)
+    predictor = load_predictor(model, device=device, runtime=runtime)
     load_s = time.perf_counter() - t0
+    tag = f"[{device} {predictor.runtime}]"
     image = slices[len(slices) // 2]
     h, w = image.shape
 
-    progress(f"[{device}] encoder: 2 warm-up + {encoder_runs} runs on a {w}x{h} slice")
+    progress(f"{tag} encoder: 2 warm-up + {encoder_runs} runs on a {w}x{h} slice")
     for _ in range(2):
         embedding = predictor.encode(image)
     sync()
     encoder_ms = [_timed(lambda: predictor.encode(image), sync) for _ in range(encoder_runs)]
 
-    progress(f"[{device}] decoder: {decoder_runs} prompts")
+    progress(f"{tag} decoder: {decoder_runs} prompts")
     prompts = _prompts(h, w, decoder_runs)
     for p in prompts[:5]:
         predictor.predict(embedding, return_masks=False, **p)
@@ -127,7 +128,7 @@ def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: i
     fp32_bytes = embedding.nbytes
     fp16_bytes = embedding.converted(dtype=torch.float16).nbytes
 
-    progress(f"[{device}] click-to-mask: {decoder_runs} prompts through VolumeSession on a cached slice")
+    progress(f"{tag} click-to-mask: {decoder_runs} prompts through VolumeSession on a cached slice")
     key = content_hash(slices, CT_WINDOW)
     with VolumeSession(predictor, slices=lambda k: slices[k], n_slices=len(slices), volume_key=key,
                        cache=EmbeddingCache()) as session:
@@ -145,53 +146,70 @@ def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: i
 
     result: dict[str, Any] = {
         "device": device, "device_name": _device_name(device), "threads": torch.get_num_threads(), "model": model,
-        "model_load_s": round(load_s, 2), "slice_size": [h, w],
+        "runtime": predictor.runtime, "model_load_s": round(load_s, 2),
+        "runtime_build_s": predictor.encoder.build_s,
+        "export_build_s": (predictor.encoder.info or {}).get("build_s"),
+        "slice_size": [h, w],
         "encoder_ms": percentiles(encoder_ms), "decoder_ms": percentiles(decoder_ms),
         "click_to_mask_ms": percentiles(click_ms),
         "cache_bytes_per_slice": {"fp32": fp32_bytes, "fp16": fp16_bytes},
+        "embedding_max_abs_diff_vs_torch": _parity(predictor, image),
     }
-    result.update(_volume_and_memory(predictor, hu_slices, volume_slices, memory_slices, fp32_bytes, progress))
+    result.update(_volume_and_memory(predictor, hu_slices, volume_slices, memory_slices, progress))
     if device.startswith("cuda"):
         result["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
+def _parity(predictor: Any, image: np.ndarray) -> dict[str, float]:
+    """{output: max |runtime - eager torch|} on the benchmark slice (all zeros for the torch runtime itself)."""
+    import torch
+
+    array, _ = predictor.prepare(image)
+    x = torch.from_numpy(array).permute(2, 0, 1)[None].to(predictor.device)
+    produced, reference = predictor.encoder(x), predictor.torch_encoder(x)
+    return {name: float((produced[name].cpu() - reference[name].cpu()).abs().max()) for name in reference}
+
+
 def _volume_and_memory(predictor: Any, hu_slices: np.ndarray, volume_slices: int, memory_slices: int | None,
-                       fp32_bytes: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Throughput of a session encoding consecutive slices, and the 300-slice memory check (one session)."""
-    from samunet_core.cache import DEFAULT_MAX_BYTES, EmbeddingCache, content_hash
+                       progress: Callable[[str], None]) -> dict[str, Any]:
+    """Batched precompute throughput of a session (`VolumeSession.precompute`: the order and batches of its
+    prefetch), and the memory check: one session precomputing a 300-slice CT with the default cache cap."""
+    from samunet_core.cache import EmbeddingCache, content_hash
     from samunet_core.session import VolumeSession
     from samunet_core.transforms import window_to_uint8
 
-    volume = stacked_volume(hu_slices, MEMORY_CHECK_SLICES)
-    n_fill = math.ceil(DEFAULT_MAX_BYTES / fp32_bytes) + 4
-    n_encode = max(volume_slices, n_fill if memory_slices is None else memory_slices)
-    n_encode = min(n_encode, MEMORY_CHECK_SLICES)
-    cache = EmbeddingCache()  # the default cap
-    key = content_hash(volume, CT_WINDOW)
-    progress(f"[{predictor.device}] session over a {volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]} CT: "
-             f"encoding {n_encode} slices")
-    times = []
-    with VolumeSession(predictor, slices=lambda k: window_to_uint8(volume[k], *CT_WINDOW), n_slices=len(volume),
-                       volume_key=key, cache=cache) as session:
-        t_start = time.perf_counter()
-        for k in range(n_encode):
-            session.embedding(k)
-            times.append(time.perf_counter() - t_start)
-    first = times[min(volume_slices, n_encode) - 1]
-    out: dict[str, Any] = {
-        "volume_slices_per_s": round(min(volume_slices, n_encode) / first, 3),
-        "volume_slices_timed": min(volume_slices, n_encode),
-    }
+    def precompute(volume: np.ndarray) -> tuple[float, EmbeddingCache, VolumeSession]:
+        cache = EmbeddingCache()  # the default cap
+        session = VolumeSession(predictor, slices=lambda k: window_to_uint8(volume[k], *CT_WINDOW),
+                                n_slices=len(volume), volume_key=content_hash(volume, CT_WINDOW), cache=cache)
+        with session:
+            t0 = time.perf_counter()
+            session.precompute()
+            return time.perf_counter() - t0, cache, session
+
+    tag = f"[{predictor.device} {predictor.runtime}]"
+    progress(f"{tag} batched precompute of {volume_slices} slices")
+    seconds, _, session = precompute(stacked_volume(hu_slices, volume_slices))
+    out: dict[str, Any] = {"volume_slices_per_s": round(volume_slices / seconds, 3),
+                           "volume_slices_timed": volume_slices, "encode_batch": session.encode_batch}
+    del session  # its cache too, before the memory check
     if memory_slices != 0:
+        n = min(memory_slices or MEMORY_CHECK_SLICES, MEMORY_CHECK_SLICES)
+        volume = stacked_volume(hu_slices, n)
+        progress(f"{tag} memory check: precomputing {n} slices of a 300x512x512 CT")
+        seconds, cache, session = precompute(volume)
         peak = peak_rss_bytes()
         out["memory_check"] = {
-            "volume_shape": list(volume.shape), "volume_source": "real CT slices (HU) repeated along k",
-            "slices_encoded": n_encode, "cache_cap_bytes": cache.max_bytes, "cache_bytes": cache.nbytes,
+            "volume_shape": list(volume.shape),
+            "volume_source": "real CT slices (HU) repeated along k",
+            "slices_encoded": session.stats.encodes, "precompute_s": round(seconds, 1),
+            "cache_cap_bytes": cache.max_bytes, "cache_bytes": cache.nbytes,
             "cache_entries": len(cache), "cache_evictions": cache.stats.evictions,
             "peak_rss_bytes": peak, "peak_rss_mb": round(peak / 2**20, 1),
             "limit_bytes": MEMORY_LIMIT_BYTES, "passed": peak < MEMORY_LIMIT_BYTES,
-            "slices_per_s": round(n_encode / times[-1], 3),
+            "slices_per_s": round(session.stats.encodes / seconds, 3),
         }
     return out
 
@@ -206,21 +224,51 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def runtimes_to_bench(model: str, device: str) -> list[str]:
+    """Every runtime usable for `model` on `device`: the one `auto` picks first, eager torch always among them."""
+    from samunet_core import runtime as runtimes
+    from samunet_core.registry import get_spec
+
+    family = get_spec(model).family
+    chosen = runtimes.resolve_runtime("auto", device, family)
+    names = [chosen]
+    if device.startswith("cpu") and family in runtimes.EXPORTABLE_FAMILIES:
+        names += [n for n, spec in runtimes.RUNTIMES.items()
+                  if n != chosen and (spec.backend == "torch" or runtimes.backend_version(spec.backend))]
+    return names + (["torch"] if "torch" not in names else [])
+
+
+def _bench_in_child(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One runtime's measurements in a fresh process (its peak RSS is its own)."""
+    import sys
+
+    import torch
+
+    torch.set_num_threads(kwargs.pop("threads"))
+    return bench_device(**kwargs, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
 def run_bench(model: str, device: str = "auto", threads: int | None = None,
               volume_path: Path | None = None, encoder_runs: int = 20, decoder_runs: int = 100,
-              volume_slices: int = 8, memory_slices: int | None = None,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Benchmark on CPU (always) and CUDA (when `device` is auto and a GPU is present, or when asked for).
+              volume_slices: int = 16, memory_slices: int | None = None, runtimes: list[str] | None = None,
+              isolate: bool = True, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Benchmark on CPU (always) and CUDA (when `device` is auto and a GPU is present, or when asked for), every
+    runtime side by side on the first device (CPU: torch, openvino, openvino-bf16, onnxruntime when installed).
 
-    Returns the JSON document: the first device's numbers at the top level (the keys DESIGN.md names), every device
-    under "runs", and the peak RSS of the whole process.
+    Returns the JSON document: the first device's numbers for the runtime `auto` picks at the top level (the keys
+    DESIGN.md names), every device (its auto runtime) under "runs", every runtime of the first device under
+    "runtimes". isolate: each runtime in its own process, so peak RSS is that runtime's alone; the memory check
+    (300-slice precompute) runs for the auto runtime only.
     """
     import torch
 
     from samunet_core.predictor import resolve_device
+    from samunet_core.runtime import RUNTIMES
 
     if encoder_runs < 20 or decoder_runs < 100:
         raise InputError("the benchmark needs at least 20 encoder runs and 100 decoder prompts")
+    if volume_slices < 1:
+        raise InputError(f"--volume-slices must be >= 1, got {volume_slices}")
     if threads is not None:
         if threads < 1:
             raise InputError(f"--threads must be >= 1, got {threads}")
@@ -229,14 +277,36 @@ def run_bench(model: str, device: str = "auto", threads: int | None = None,
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [resolve_device(device)]
+    unknown = [name for name in runtimes or [] if name not in RUNTIMES]
+    if unknown:
+        raise InputError(f"unknown runtime(s) {unknown}; use {', '.join(RUNTIMES)}")
     path = Path(volume_path) if volume_path is not None else default_volume_path()
     hu_slices = load_ct(path)
-    runs = {}
     t0 = time.perf_counter()
+    runs: dict[str, Any] = {}
+    per_runtime: dict[str, Any] = {}
     for dev in devices:
-        runs[dev] = bench_device(model, dev, hu_slices, encoder_runs, decoder_runs, volume_slices,
-                                 memory_slices if dev == devices[0] else 0, progress)
+        names = runtimes_to_bench(model, dev)
+        if runtimes is not None and dev == devices[0]:
+            names = [names[0]] + [n for n in runtimes if n != names[0]]
+        for name in names if dev == devices[0] else names[:1]:
+            kwargs = {"model": model, "device": dev, "hu_slices": hu_slices, "encoder_runs": encoder_runs,
+                      "decoder_runs": decoder_runs, "volume_slices": volume_slices, "runtime": name,
+                      "memory_slices": memory_slices if (dev == devices[0] and name == names[0]) else 0}
+            if isolate:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    result = pool.submit(_bench_in_child, {**kwargs, "threads": torch.get_num_threads()}).result()
+            else:
+                result = bench_device(**kwargs, progress=progress)
+            if dev == devices[0]:
+                per_runtime[name] = result
+            if name == names[0]:
+                runs[dev] = result
     document = dict(runs[devices[0]])
     document.update({"volume_path": str(path), "torch": torch.__version__, "runs": runs,
-                     "peak_rss_bytes": peak_rss_bytes(), "wall_s": round(time.perf_counter() - t0, 1)})
+                     "runtimes": per_runtime, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_runtime.values()),
+                     "wall_s": round(time.perf_counter() - t0, 1)})
     return document

@@ -21,7 +21,10 @@ import numpy as np
 
 from samunet_core.predictor import Embedding
 
-DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+# 384 MiB: 64 slices of the default model (6 MiB each), 96 of LiteMedSAM's. Measured: a session precomputing a
+# 300-slice 512x512 CT with the OpenVINO runtime peaks at 1.47 GiB resident with 512 MiB (docs/speed.md), over the
+# 1.5 GB target; slices beyond the cap come back from the disk cache or are re-encoded.
+DEFAULT_MAX_BYTES = 384 * 1024 * 1024
 CacheKey = tuple[str, str, str]
 
 

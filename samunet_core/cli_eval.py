@@ -8,6 +8,7 @@ PROTOCOL_CHOICES = ("box", "point1", "point3", "point5", "propagate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from samunet_core.cli_segment import add_runtime_argument
     from samunet_core.registry import DEFAULT_MODEL
 
     parser.add_argument("manifest", help="evaluation manifest (JSON; format in docs/formats.md)")
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", default=None, help="weights file for models that take a user checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add_runtime_argument(parser)
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N cases")
     parser.add_argument("--slice-stride", type=int, default=1, metavar="K",
                         help="3D cases: only axial slices k with k %% K == 0 (default 1: every slice)")
@@ -56,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
         from samunet_core.cache import EmbeddingCache
 
         cache = EmbeddingCache(max_bytes=256 * 1024 * 1024, disk_dir=args.cache_dir)
-    predictor = load_predictor(args.model, device=args.device, checkpoint=args.checkpoint)
+    predictor = load_predictor(args.model, device=args.device, checkpoint=args.checkpoint, runtime=args.runtime)
     summary = evaluate(manifest, predictor, args.protocol, Path(args.out), manifest_path=str(args.manifest),
                        limit=args.limit, slice_stride=args.slice_stride, overlays=args.overlays,
                        progress=not args.no_progress, cache=cache,
                        fp16_embeddings=args.fp16_embeddings)
-    print(f"{summary['model']} {summary['protocol']}: {summary['n_targets']} targets, mean Dice "
+    print(f"{summary['model']} ({predictor.runtime}) {summary['protocol']}: {summary['n_targets']} targets, mean Dice "
           f"{summary['mean_dice']:.4f}, mean NSD {summary['mean_nsd']:.4f} ({summary['wall_s']:.0f} s)")
     for modality, stats in summary["by_modality"].items():
         print(f"  {modality}: n={stats['n']} Dice {stats['mean_dice']:.4f} NSD {stats['mean_nsd']:.4f}")

@@ -18,6 +18,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"registered model name (see `samunet models`; default: {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", default=None, help="weights file for the model (default: the registry's)")
     parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu or cuda")
+    add_runtime_argument(parser)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"),
                        help="intensity window mapped to 0..255 (default: 8-bit data as it is, else the 0.5/99.5 "
@@ -26,6 +27,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help="folder where slice embeddings persist between runs (default $SAMUNET_CACHE_DIR or "
                              "~/.cache/samunet); 'none' keeps them in memory only")
+
+
+def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
+    """--runtime, the same on every command that encodes (samunet_core/runtime.py decides what auto means)."""
+    from samunet_core.runtime import RUNTIME_CHOICES, runtime_help
+
+    parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=runtime_help())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +70,7 @@ def build_cache(cache_dir: str | None) -> Any:
 def load_model(args: argparse.Namespace) -> Any:
     from samunet_core.predictor import load_predictor
 
-    return load_predictor(args.model, device=args.device, checkpoint=args.checkpoint)
+    return load_predictor(args.model, device=args.device, checkpoint=args.checkpoint, runtime=args.runtime)
 
 
 def window_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +85,8 @@ def report(result: Any, predictor: Any, prog: str = "samunet segment") -> None:
     for warning in result.warnings:
         print(f"{prog}: warning: {warning}")
     window = "as stored (8-bit)" if result.window is None else f"{result.window[0]:g}..{result.window[1]:g}"
-    print(f"segmented {result.volume.path} with {predictor.model_id} on {predictor.device} in {result.seconds:.1f} s "
+    print(f"segmented {result.volume.path} with {predictor.model_id} on {predictor.device} ({predictor.runtime}) in "
+          f"{result.seconds:.1f} s "
           f"({result.encodes} slices encoded, window {window})")
     for seg in result.segmentation.segments:
         if seg.name in result.slice_masks:

@@ -8,7 +8,6 @@ SAM-UNet on TinyViT: the fused 256x64x64 map plus a 32x128x128 multi-scale featu
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +16,12 @@ import numpy as np
 
 from samunet_core.errors import InputError
 from samunet_core.model_input import MODEL_GRID, GridMapping, LiteMedSAMInput, SAMUNetInput
+from samunet_core.runtime import EncodeAborted
 
+# Upper estimate of one slice's encoder activations and outputs on a GPU (fp32, 256x256 input).
+GPU_ENCODE_BYTES_PER_SLICE = 256 * 1024**2
 
-class EncodeAborted(Exception):
-    """An encode was pre-empted (a more urgent slice was asked for); nothing was produced."""
+__all__ = ["Embedding", "EncodeAborted", "Prediction", "Predictor", "load_predictor", "resolve_device"]
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Family:
 
     preprocessing: Any
     logits_grid: int
+    outputs: tuple[str, ...]  # the encoder's outputs, in the order an exported graph returns them
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -94,6 +96,7 @@ def _image_side_cache(embedding: Embedding, model: Any, cached: Any) -> Any:
 class _LiteMedSAMFamily(_Family):
     preprocessing = LiteMedSAMInput
     logits_grid = 256
+    outputs = ("image_embedding",)
 
     def encode(self, x: Any) -> dict[str, Any]:
         return {"image_embedding": self.model.encode(x)}
@@ -108,6 +111,7 @@ class _LiteMedSAMFamily(_Family):
 class _SAMUNetFamily(_Family):
     preprocessing = SAMUNetInput
     logits_grid = 64
+    outputs = ("image_embeddings", "msf")
 
     def encode(self, x: Any) -> dict[str, Any]:
         image_embeddings, msf = self.model.encode(x)
@@ -125,6 +129,7 @@ class _SAMUNetTinyViTFamily(_Family):
 
     preprocessing = LiteMedSAMInput
     logits_grid = 256
+    outputs = ("image_embedding", "msf")
 
     def encode(self, x: Any) -> dict[str, Any]:
         return self.model.encode(x)
@@ -152,11 +157,19 @@ def resolve_device(device: str = "auto") -> str:
 
 
 class Predictor:
-    """One loaded model on one device. Thread-safe for concurrent `predict`; `encode` may be aborted cooperatively."""
+    """One loaded model on one device. Thread-safe for concurrent `predict`; `encode` may be aborted cooperatively.
+
+    runtime: how the image encoder runs (samunet_core.runtime: auto, torch, openvino, openvino-bf16, onnxruntime);
+    the decoder always runs in torch. A lossy runtime's embeddings get their own encoder id (never mixed in a cache
+    with exact ones).
+    """
 
     def __init__(self, model: Any, model_id: str, family: str, device: str = "auto", precision: str = "fp32",
-                 weights: Any = None, encoder_id: str | None = None) -> None:
+                 weights: Any = None, encoder_id: str | None = None, runtime: str = "torch",
+                 export_root: Any = None) -> None:
         import torch
+
+        from samunet_core import runtime as runtimes
 
         self.device = resolve_device(device)
         self.model_id = model_id
@@ -170,25 +183,47 @@ class Predictor:
             raise InputError("fp16 needs a GPU; on the CPU use bf16 or fp32")
         self.precision = precision
         self._autocast_dtype = dtypes[precision]
+        if self.device.startswith("cuda") and precision == "fp32":
+            # PyTorch runs cuDNN convolutions in TF32 by default: ~1e-3 relative noise, enough to move where a walk
+            # stops (measured: the demo CT's left lung over 8 slices on CPU, 14 on CUDA). fp32 means fp32.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
+        self.family = family
         self._family = _FAMILIES[family](self.model)
         self.preprocessing = self._family.preprocessing
         self.logits_grid = self._family.logits_grid
-        self._abort = threading.local()
-        self._install_abort_hooks()
+        self.runtime = runtimes.resolve_runtime(runtime, self.device, family)
+        if self.runtime != "torch" and precision != "fp32":
+            raise InputError(f"precision '{precision}' applies to the torch runtime; runtime '{self.runtime}' sets "
+                             "its own (use --runtime openvino-bf16 for bf16 on the CPU)")
+        self.encoder = self._make_encoder(runtime, export_root)
+        if not runtimes.RUNTIMES[self.runtime].exact:
+            self.encoder_id = f"{self.encoder_id}+{self.runtime}"
+
+    def _make_encoder(self, asked: str, export_root: Any) -> Any:
+        """The resolved runtime's encoder; with --runtime auto a failed export falls back to eager torch, loudly."""
+        import warnings
+
+        from samunet_core import runtime as runtimes
+
+        torch_encoder = self.torch_encoder = runtimes.TorchEncoder(self._family.encode, self.model.image_encoder,
+                                                                   self._autocast)
+        if self.runtime == "torch":
+            return torch_encoder
+        graph = runtimes.encoder_graph(self._family.encode, self.model, self._family.outputs)
+        try:
+            return runtimes.make_encoder(self.runtime, model_name=self.model_id, graph=graph,
+                                         outputs=self._family.outputs, export_root=export_root)
+        except Exception as exc:
+            if asked != "auto":
+                raise
+            warnings.warn(f"runtime '{self.runtime}' failed ({exc}); encoding with eager torch", RuntimeWarning,
+                          stacklevel=3)
+            self.runtime = "torch"
+            return torch_encoder
 
     # -- encoding -------------------------------------------------------------------------------------------------
-    def _install_abort_hooks(self) -> None:
-        """Check for pre-emption before every encoder submodule runs (a few microseconds against a ~1 s encode)."""
-
-        def check(_module: Any, _inputs: Any) -> None:
-            should_abort = getattr(self._abort, "fn", None)
-            if should_abort is not None and should_abort():
-                raise EncodeAborted()
-
-        for module in self.model.image_encoder.modules():
-            module.register_forward_pre_hook(check)
-
     def _autocast(self) -> Any:
         """Reduced-precision autocast when asked for; a no-op context in fp32 (so an outer autocast still applies)."""
         import contextlib
@@ -205,18 +240,36 @@ class Predictor:
 
     def encode(self, image: np.ndarray, should_abort: Callable[[], bool] | None = None) -> Embedding:
         """HxW or HxWx3 uint8 slice -> Embedding. Raises EncodeAborted if `should_abort()` turns true midway."""
+        return self.encode_batch([image], should_abort)[0]
+
+    def encode_batch(self, images: list[np.ndarray], should_abort: Callable[[], bool] | None = None
+                     ) -> list[Embedding]:
+        """B slices (HxW or HxWx3 uint8, sizes may differ) -> B Embeddings from ONE encoder pass (batch B).
+        Raises EncodeAborted if `should_abort()` turns true midway; then none is produced."""
         import torch
 
-        array, mapping = self.prepare(image)
-        x = torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device)
-        self._abort.fn = should_abort
-        try:
-            with torch.inference_mode(), self._autocast():
-                tensors = self._family.encode(x)
-        finally:
-            self._abort.fn = None
-        tensors = {k: v.float() for k, v in tensors.items()}
-        return Embedding(self.encoder_id, tensors, mapping.original_size, mapping.input_size)
+        if not images:
+            return []
+        prepared = [self.prepare(image) for image in images]
+        x = torch.from_numpy(np.stack([array for array, _ in prepared])).permute(0, 3, 1, 2).to(self.device)
+        tensors = self.encoder(x, should_abort)
+
+        def row(v: Any, i: int) -> Any:  # a copy when batched: a cached slice must not pin the whole batch
+            return v if len(prepared) == 1 else v[i:i + 1].clone()
+
+        return [Embedding(self.encoder_id, {k: row(v, i) for k, v in tensors.items()}, mapping.original_size,
+                          mapping.input_size) for i, (_, mapping) in enumerate(prepared)]
+
+    def suggested_batch_size(self, limit: int = 32) -> int:
+        """Slices per prefetch encoder pass: 1 on the CPU (batches of 2 and 4 were measured slower per slice than
+        single slices, docs/speed.md); on a GPU as many as half the free memory holds at GPU_ENCODE_BYTES_PER_SLICE
+        each, at most `limit`."""
+        if not self.device.startswith("cuda"):
+            return 1
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        return int(max(1, min(limit, free // 2 // GPU_ENCODE_BYTES_PER_SLICE)))
 
     # -- decoding -------------------------------------------------------------------------------------------------
     def predict(self, embedding: Embedding, points: Any = None, labels: Any = None, boxes: Any = None,
@@ -308,7 +361,8 @@ class Predictor:
 
 
 def load_predictor(name: str | None = None, device: str = "auto", checkpoint: str | None = None, *,
-                   trust: bool = False, precision: str = "fp32") -> Predictor:
+                   trust: bool = False, precision: str = "fp32", runtime: str = "torch", export_root: Any = None
+                   ) -> Predictor:
     """Build a registry model (default: `registry.DEFAULT_MODEL`), load its weights strictly, wrap it in a Predictor."""
     from samunet_core.registry import DEFAULT_MODEL, get_spec, load_model
 
@@ -319,4 +373,4 @@ def load_predictor(name: str | None = None, device: str = "auto", checkpoint: st
     if spec.family == "samunet_tinyvit":  # its encoder is trained: embeddings are only valid for these weights
         encoder_id = f"{name}@{weights.sha256[:16]}"
     return Predictor(model, name, spec.family, device=device, precision=precision, weights=weights,
-                     encoder_id=encoder_id)
+                     encoder_id=encoder_id, runtime=runtime, export_root=export_root)

@@ -2,8 +2,10 @@
 
 All model work (encode and, through `submit`/`segment`/`run`, decode) runs on the session's single worker thread, so
 a GPU keeps one thread-local state and a GUI thread never runs the model. A request for a slice pre-empts a prefetch
-that is mid-encode (the encoder checks between its stages), so the caller waits for its own slice, not for a
-neighbour's.
+that is mid-encode (the encoder checks between its stages, an exported runtime cancels its inference), so the caller
+waits for its own slice, not for a neighbour's. The slice asked for is encoded alone; prefetched neighbours are encoded
+`encode_batch` at a time (`Predictor.suggested_batch_size`: from free GPU memory; 1 on the CPU, where batching was
+measured not to raise throughput).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class VolumeSession:
     """
 
     def __init__(self, predictor: Predictor, slices: Callable[[int], np.ndarray], n_slices: int, volume_key: str,
-                 cache: EmbeddingCache | None = None, axis: str = "axial", prefetch_radius: int = 3) -> None:
+                 cache: EmbeddingCache | None = None, axis: str = "axial", prefetch_radius: int = 3,
+                 encode_batch: int | None = None) -> None:
         self.predictor = predictor
         self._slices = slices
         self.n_slices = int(n_slices)
@@ -58,9 +61,12 @@ class VolumeSession:
         self.cache = cache if cache is not None else EmbeddingCache()
         self.axis = axis
         self.prefetch_radius = prefetch_radius
+        self.encode_batch = int(encode_batch) if encode_batch is not None else predictor.suggested_batch_size()
+        if self.encode_batch < 1:
+            raise InputError(f"encode_batch must be >= 1, got {encode_batch}")
         self.stats = SessionStats()
         self._pending: list[_Job] = []
-        self._running: _Job | None = None
+        self._running: list[_Job] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -94,9 +100,10 @@ class VolumeSession:
             return done
         with self._cond:
             self._check_open()
-            if self._running is not None and self._running.slice_index == k:
-                self._running.priority = URGENT  # it is already ours: let it finish rather than restart
-                return self._running.future
+            for job in self._running:
+                if job.slice_index == k:
+                    job.priority = URGENT  # it is already ours: let it finish rather than restart
+                    return job.future
             for job in self._pending:
                 if job.slice_index == k:
                     job.priority = URGENT
@@ -144,6 +151,29 @@ class VolumeSession:
         """Queue neighbours of `center` (nearest first), replacing the previous prefetch plan."""
         radius = self.prefetch_radius if radius is None else radius
         order = [center] + [center + sign * d for d in range(1, radius + 1) for sign in (1, -1)]
+        self._plan_prefetch(order)
+
+    def precompute(self, center: int | None = None, timeout: float | None = None) -> int:
+        """Encode every slice of the volume (nearest to `center` first, default the middle), in the background
+        order and batches of a prefetch; blocks until done and returns how many slices were encoded. Later requests
+        still go first. With a cache smaller than the volume the farthest slices evict the nearest (they come back
+        from disk when the cache has a disk folder)."""
+        center = self.n_slices // 2 if center is None else int(center)
+        before = self.stats.encodes
+        self.prefetch(center, radius=self.n_slices)
+        with self._cond:
+            futures = [j.future for j in self._pending + self._running if j.slice_index is not None]
+        futures.reverse()
+        while futures:  # let go of each result as soon as it is in: holding them all would pin every embedding
+            future = futures.pop()
+            try:
+                future.result(timeout)
+            except CancelledError:
+                pass
+            del future
+        return self.stats.encodes - before
+
+    def _plan_prefetch(self, order: list[int]) -> None:
         wanted = [k for k in order if 0 <= k < self.n_slices and self.key(k) not in self.cache]
         with self._cond:
             self._check_open()
@@ -152,9 +182,9 @@ class VolumeSession:
                 self._pending.remove(job)
                 job.future.cancel()
             queued = {j.slice_index for j in self._pending}
-            running = self._running.slice_index if self._running is not None else None
+            running = {j.slice_index for j in self._running}
             for k in wanted:
-                if k not in queued and k != running:
+                if k not in queued and k not in running:
                     self._pending.append(_Job(PREFETCH, next(self._seq), Future(), slice_index=k))
             self._cond.notify_all()
 
@@ -163,8 +193,9 @@ class VolumeSession:
         with self._cond:
             dropped = list(self._pending)
             self._pending.clear()
-            if self._running is not None and self._running.priority == PREFETCH:
-                self._running.future.cancel()
+            for job in self._running:
+                if job.priority == PREFETCH:
+                    job.future.cancel()
             self._cond.notify_all()
         for job in dropped:
             job.future.cancel()
@@ -205,65 +236,86 @@ class VolumeSession:
         return any(j.priority == URGENT for j in self._pending)
 
     def _encode(self, k: int, abortable: bool, job: _Job | None = None) -> Embedding:
+        return self._encode_many([k], abortable, [job] if job is not None else [])[0]
+
+    def _encode_many(self, ks: list[int], abortable: bool, jobs: list[_Job]) -> list[Embedding]:
+        """Slices ks in one encoder pass, each put in the cache. Abortable: a prefetch yields to a request."""
         import time
 
         def should_abort() -> bool:
-            if job is None or job.priority != PREFETCH:
-                return False
-            return job.future.cancelled() or self._urgent_waiting() or self._closed
+            if any(job.priority != PREFETCH for job in jobs):
+                return False  # someone is waiting for one of these slices
+            return all(job.future.cancelled() for job in jobs) or self._urgent_waiting() or self._closed
 
         t0 = time.perf_counter()
-        emb = self.predictor.encode(self._slices(k), should_abort=should_abort if abortable else None)
-        self.stats.encode_ms.append((time.perf_counter() - t0) * 1e3)
-        self.stats.encodes += 1
-        self.cache.put(self.key(k), emb)
-        return emb
+        embeddings = self.predictor.encode_batch([self._slices(k) for k in ks],
+                                                 should_abort=should_abort if abortable and jobs else None)
+        per_slice_ms = (time.perf_counter() - t0) * 1e3 / len(ks)
+        self.stats.encode_ms.extend([per_slice_ms] * len(ks))
+        self.stats.encodes += len(ks)
+        for k, emb in zip(ks, embeddings, strict=True):
+            self.cache.put(self.key(k), emb)
+        return embeddings
 
-    def _next_job(self) -> _Job | None:
+    def _next_jobs(self) -> list[_Job] | None:
+        """The most urgent job; a prefetch encode takes up to `encode_batch` queued prefetch encodes with it."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
-            job = min(self._pending, key=lambda j: (j.priority, j.seq))
-            self._pending.remove(job)
-            self._running = job
-            return job
+            ordered = sorted(self._pending, key=lambda j: (j.priority, j.seq))
+            jobs = ordered[:1]
+            if jobs[0].priority == PREFETCH and jobs[0].slice_index is not None:
+                jobs += [j for j in ordered[1:] if j.priority == PREFETCH and j.slice_index is not None
+                         and not j.future.cancelled()][: self.encode_batch - 1]
+            for job in jobs:
+                self._pending.remove(job)
+            self._running = jobs
+            return jobs
 
     def _work(self) -> None:
         while True:
-            job = self._next_job()
-            if job is None:
+            jobs = self._next_jobs()
+            if jobs is None:
                 return
             try:
-                if job.future.cancelled():
-                    continue
-                if job.call is not None:
-                    self._resolve(job, job.call)
-                    continue
-                k = job.slice_index
-                cached = self.cache.get(self.key(k))
-                if cached is not None:
-                    self._resolve(job, lambda cached=cached: cached)
-                    continue
-                was_prefetch = job.priority == PREFETCH
-                try:
-                    emb = self._encode(k, abortable=was_prefetch, job=job)
-                except EncodeAborted:
-                    self.stats.preempted += 1
-                    with self._cond:
-                        if not job.future.cancelled() and not self._closed:
-                            job.seq = next(self._seq)
-                            self._pending.append(job)  # retry after the urgent work
-                    continue
-                if was_prefetch and job.priority == PREFETCH:
-                    self.stats.prefetch_encodes += 1
-                else:
-                    self._remember(k, emb)
-                self._resolve(job, lambda emb=emb: emb)
+                self._run_jobs(jobs)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running = []
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if not job.future.cancelled()]
+        if len(jobs) == 1 and jobs[0].call is not None:
+            self._resolve(jobs[0], jobs[0].call)
+            return
+        to_encode = []
+        for job in jobs:
+            cached = self.cache.get(self.key(job.slice_index))
+            if cached is not None:
+                self._resolve(job, lambda cached=cached: cached)
+            else:
+                to_encode.append(job)
+        if not to_encode:
+            return
+        was_prefetch = all(job.priority == PREFETCH for job in to_encode)
+        try:
+            embeddings = self._encode_many([job.slice_index for job in to_encode], was_prefetch, to_encode)
+        except EncodeAborted:
+            self.stats.preempted += 1
+            with self._cond:
+                for job in to_encode:
+                    if not job.future.cancelled() and not self._closed:
+                        job.seq = next(self._seq)
+                        self._pending.append(job)  # retry after the urgent work
+            return
+        for job, emb in zip(to_encode, embeddings, strict=True):
+            if job.priority == PREFETCH:
+                self.stats.prefetch_encodes += 1
+            else:
+                self._remember(job.slice_index, emb)
+            self._resolve(job, lambda emb=emb: emb)
 
     @staticmethod
     def _resolve(job: _Job, produce: Callable[[], Any]) -> None:

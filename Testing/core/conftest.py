@@ -21,6 +21,14 @@ def litemedsam():
     return load_predictor("litemedsam", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def default_openvino(tmp_path_factory):
+    """The default model with its encoder exported to OpenVINO (fp32), built once per test run in a fresh folder."""
+    from samunet_core.predictor import load_predictor
+
+    return load_predictor(device="cpu", runtime="openvino", export_root=tmp_path_factory.mktemp("exports"))
+
+
 def sam_med2d_targets() -> list[dict[str, object]]:
     """The 30 reference rows of the four sam_med2d CT slices: case, target, reference Dice, box, mask path."""
     lines = [line for line in (SAM_MED2D / "litemedsam_box_reference.csv").read_text().splitlines()

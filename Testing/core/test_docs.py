@@ -113,13 +113,34 @@ class StandInPredictor:
     logits_grid = 256
     weights = SimpleNamespace(sha256="0" * 64, path="stand-in", extra={})
 
+    class Encoder:
+        build_s, info = 0.0, {}
+
+        def __call__(self, x, should_abort=None):
+            import torch
+
+            return {"image_embedding": torch.zeros(x.shape[0], 4, 8, 8)}
+
+    def __init__(self, runtime: str = "torch") -> None:
+        self.runtime = runtime
+        self.encoder = self.torch_encoder = self.Encoder()
+
+    def prepare(self, image):
+        return np.zeros((256, 256, 3), np.float32), None  # (model input, grid mapping) as Predictor.prepare
+
+    def suggested_batch_size(self) -> int:
+        return 1
+
     def encode(self, image, should_abort=None):
+        return self.encode_batch([image], should_abort)[0]
+
+    def encode_batch(self, images, should_abort=None):
         import torch
 
         from samunet_core.predictor import Embedding
 
-        h, w = np.asarray(image).shape[:2]
-        return Embedding(self.encoder_id, {"image_embedding": torch.zeros(1, 4, 8, 8)}, (h, w), (256, 256))
+        return [Embedding(self.encoder_id, {"image_embedding": torch.zeros(1, 4, 8, 8)},
+                          np.asarray(image).shape[:2], (256, 256)) for image in images]
 
     def predict(self, embedding, points=None, labels=None, boxes=None, mask_input=None, return_masks=True):
         from samunet_core.predictor import Prediction
@@ -236,15 +257,21 @@ def test_summary_json_example_has_the_written_keys(eval_run):
 def test_bench_json_example_has_the_written_keys(monkeypatch):
     from samunet_core import bench, predictor
 
-    monkeypatch.setattr(predictor, "load_predictor", lambda *args, **kwargs: StandInPredictor())
+    monkeypatch.setattr(predictor, "load_predictor",
+                        lambda *args, runtime="torch", **kwargs: StandInPredictor(runtime))
     document = bench.run_bench("litemedsam_clicks", device="cpu", volume_path=CT, encoder_runs=20, decoder_runs=100,
-                               volume_slices=2, memory_slices=2, progress=lambda _message: None)
+                               volume_slices=2, memory_slices=2, runtimes=["torch"], isolate=False,
+                               progress=lambda _message: None)
     document = json.loads(json.dumps(document))
     example = example_json("bench-json")
     assert _key_tree(example) == _key_tree(document)
-    assert _key_tree(example["runs"]["cpu"]) == _key_tree({k: v for k, v in example.items()
-                                                           if k not in ("volume_path", "torch", "runs",
-                                                                        "peak_rss_bytes", "wall_s")})
+    per_run = _key_tree({k: v for k, v in example.items()
+                         if k not in ("volume_path", "torch", "runs", "runtimes", "wall_s")})
+    assert _key_tree(example["runs"]["cpu"]) == per_run
+    assert document["runtime"] == example["runtime"] and "torch" in document["runtimes"]
+    for name, run in example["runtimes"].items():  # the other runtimes: the same keys without the memory check
+        expected = per_run if name == example["runtime"] else {k: v for k, v in per_run.items() if k != "memory_check"}
+        assert _key_tree(run) == expected, name
     text = DOC.read_text(encoding="utf-8")
     assert "`cuda_max_memory_allocated_bytes`" in text  # CUDA runs only: not in the CPU example
     assert not [k for k in document if f"`{k}`" not in text], "a bench key is not in the table"

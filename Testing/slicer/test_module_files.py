@@ -234,3 +234,18 @@ def test_the_widget_takes_no_application_wide_or_single_letter_shortcut():
     for key in set(keys) | set(bound):
         assert len(key) > 1, f"single-key shortcut {key!r}"
     assert source.count("WidgetWithChildrenShortcut") >= 1
+
+
+def test_the_runtime_box_offers_exactly_the_engines_runtimes():
+    """The panel's Runtime combobox, the parameter node's Choice and `--runtime` all list runtime.RUNTIME_CHOICES."""
+    import xml.etree.ElementTree as ET
+
+    from samunet_core.runtime import RUNTIME_CHOICES
+
+    ui = ET.parse(REPO / "SAMUNetSlicer/Resources/UI/SAMUNetSlicer.ui")
+    box = next(w for w in ui.iter("widget") if w.get("name") == "runtimeComboBox")
+    items = [item.find("property/string").text for item in box.findall("item")]
+    bound = [p.find("string").text for p in box.findall("property") if p.get("name") == "SlicerParameterName"]
+    assert tuple(items) == RUNTIME_CHOICES and bound == ["runtime"]
+    module = (REPO / "SAMUNetSlicer/SAMUNetSlicer.py").read_text()
+    assert 'runtime: Annotated[str, Choice(list(RUNTIME_CHOICES))] = "auto"' in module
