@@ -35,22 +35,27 @@ def eval_table(dirs: list[str]) -> str:
 
 
 def bench_table(files: list[str]) -> str:
-    lines = ["| device | threads | model | encoder ms p50 / p95 | decoder ms p50 / p95 | click-to-mask ms p50 / p95 | "
-             "volume slices/s | cache KiB/slice fp32 / fp16 | 300-slice session peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | threads | model | runtime | encoder ms p50 / p95 | decoder ms p50 / p95 | "
+             "click-to-mask ms p50 / p95 | volume slices/s | export + compile s (once) | peak RSS | "
+             "300-slice precompute |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         doc = json.loads(Path(f).read_text())
-        runs = doc.get("runs") or {"": doc}
-        for r in (runs.values() if isinstance(runs, dict) else runs):
+        rows = list((doc.get("runtimes") or {}).values()) or [doc]
+        rows += [r for device, r in (doc.get("runs") or {}).items() if device != doc.get("device")]
+        for r in rows:
             mem = r.get("memory_check") or {}
-            rss = f"{mem['peak_rss_mb']:.0f} MB" if mem.get("peak_rss_mb") else "n/a"
+            precompute = (f"{mem['precompute_s']:.0f} s, peak RSS {mem['peak_rss_mb']:.0f} MiB"
+                          if mem.get("precompute_s") else "n/a")
+            rss = f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r.get("peak_rss_bytes") else "n/a"
+            build = "-" if not r.get("export_build_s") else f"{r['export_build_s']:.0f} + {r['runtime_build_s']:.1f}"
             lines.append(
                 f"| {r['device']} ({r.get('device_name', '')}) | {r['threads']} | {r['model']} | "
+                f"{r.get('runtime', 'torch')} | "
                 f"{r['encoder_ms']['p50']:.0f} / {r['encoder_ms']['p95']:.0f} | "
                 f"{r['decoder_ms']['p50']:.1f} / {r['decoder_ms']['p95']:.1f} | "
                 f"{r['click_to_mask_ms']['p50']:.1f} / {r['click_to_mask_ms']['p95']:.1f} | "
-                f"{r['volume_slices_per_s']:.2f} | {r['cache_bytes_per_slice']['fp32'] // 1024} / "
-                f"{r['cache_bytes_per_slice']['fp16'] // 1024} | {rss} |")
+                f"{r['volume_slices_per_s']:.2f} | {build} | {rss} | {precompute} |")
     return "\n".join(lines)
 
 

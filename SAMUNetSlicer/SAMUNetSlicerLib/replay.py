@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from samunet_core.errors import InputError
+from samunet_core.runtime import RUNTIME_CHOICES
 
 VIEWS = {"red": ("Red", "Axial"), "yellow": ("Yellow", "Sagittal"), "green": ("Green", "Coronal")}
 DEFAULT_VIEW = {"axial": "red", "sagittal": "yellow", "coronal": "green"}
@@ -160,7 +161,7 @@ def view_axes(slice_node) -> np.ndarray:
 
 def replay(volume_path: Path, prompts_path: Path, output: Path, *, view: str | None = None, model: str | None = None,
            window: tuple[float, float] | None = None, preset: str | None = None, device: str = "cpu",
-           cache=None, predictor=None) -> Path:
+           cache=None, predictor=None, runtime: str = "auto") -> Path:
     """Run the replay (see the module doc); returns the output path. InputError for bad input."""
     from samunet_core.interaction import Mode
     from samunet_core.io.volumes import read_volume
@@ -183,7 +184,7 @@ def replay(volume_path: Path, prompts_path: Path, output: Path, *, view: str | N
     if predictor is None:
         from samunet_core.predictor import load_predictor
 
-        predictor = load_predictor(model, device=device)
+        predictor = load_predictor(model, device=device, runtime=runtime)
 
     from .controller import InteractionController
 
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"))
     group.add_argument("--preset", help="CT window preset, as for samunet segment")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                        help="encoder runtime, as for samunet segment (default: auto)")
     parser.add_argument("--cache-dir", type=Path, help="embedding cache folder (the one `samunet segment` uses is "
                         "shared: same pixels, same keys); default: memory only")
     args = parser.parse_args(argv)
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             cache = folder_cache(args.cache_dir)
         out = replay(args.volume, args.prompts, args.output, view=args.view, model=args.model,
                      window=tuple(args.window) if args.window else None, preset=args.preset, device=args.device,
-                     cache=cache)
+                     cache=cache, runtime=args.runtime)
     except InputError as exc:
         print(f"replay: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,21 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 SAM_MED2D = DATA / "sam_med2d_demo"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _exports_in_a_temporary_folder(tmp_path_factory):
+    """Encoder exports (built by `--runtime auto` on the CPU) go to this run's temporary folder, not ~/.cache:
+    the first test that needs one builds it (about 30 s), the rest reuse it."""
+    import os
+
+    old = os.environ.get("SAMUNET_CACHE_DIR")
+    os.environ["SAMUNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("samunet_home"))
+    yield
+    if old is None:
+        os.environ.pop("SAMUNET_CACHE_DIR", None)
+    else:
+        os.environ["SAMUNET_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def litemedsam():
     """The base LiteMedSAM model with its real weights (fails, never skips, if they are not installed)."""
@@ -22,11 +37,12 @@ def litemedsam():
 
 
 @pytest.fixture(scope="session")
-def default_openvino(tmp_path_factory):
-    """The default model with its encoder exported to OpenVINO (fp32), built once per test run in a fresh folder."""
+def default_openvino():
+    """The default model with its encoder exported to OpenVINO (fp32): built once per test run in this run's
+    temporary export folder, which the CLI tests' `--runtime auto` shares."""
     from samunet_core.predictor import load_predictor
 
-    return load_predictor(device="cpu", runtime="openvino", export_root=tmp_path_factory.mktemp("exports"))
+    return load_predictor(device="cpu", runtime="openvino")
 
 
 def sam_med2d_targets() -> list[dict[str, object]]:

@@ -254,12 +254,24 @@ def test_summary_json_example_has_the_written_keys(eval_run):
 # ---------------------------------------------------------------------------------------------------------------------
 # samunet bench
 # ---------------------------------------------------------------------------------------------------------------------
+class StandInTinyViT(StandInPredictor):
+    """The default model's outputs (fused embedding and msf), for the bench's per-output keys."""
+
+    model_id = encoder_id = "samunet_tinyvit"
+
+    class Encoder(StandInPredictor.Encoder):
+        def __call__(self, x, should_abort=None):
+            import torch
+
+            return {"image_embedding": torch.zeros(x.shape[0], 4, 8, 8), "msf": torch.zeros(x.shape[0], 2, 16, 16)}
+
+
 def test_bench_json_example_has_the_written_keys(monkeypatch):
     from samunet_core import bench, predictor
 
     monkeypatch.setattr(predictor, "load_predictor",
-                        lambda *args, runtime="torch", **kwargs: StandInPredictor(runtime))
-    document = bench.run_bench("litemedsam_clicks", device="cpu", volume_path=CT, encoder_runs=20, decoder_runs=100,
+                        lambda *args, runtime="torch", **kwargs: StandInTinyViT(runtime))
+    document = bench.run_bench("samunet_tinyvit", device="cpu", volume_path=CT, encoder_runs=20, decoder_runs=100,
                                volume_slices=2, memory_slices=2, runtimes=["torch"], isolate=False,
                                progress=lambda _message: None)
     document = json.loads(json.dumps(document))

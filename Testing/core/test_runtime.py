@@ -237,3 +237,33 @@ def test_a_request_pre_empts_an_exported_prefetch(default_openvino):
         assert s.stats.preempted >= 1 and calls[:2] == [0, 4]
         s.request(0).result(timeout=60)
         assert calls == [0, 4, 0] and s.key(0) in s.cache
+
+
+def test_precompute_does_not_pin_evicted_embeddings(default_openvino):
+    """A 300-slice precompute once held every slice's future, and so every embedding (2.75 GB at 300 slices)."""
+    import gc
+    import weakref
+
+    from samunet_core.cache import EmbeddingCache
+    from samunet_core.session import VolumeSession
+
+    made: list[weakref.ref] = []
+    encode_batch = default_openvino.encode_batch
+
+    def recording(images, should_abort=None):
+        out = encode_batch(images, should_abort)
+        made.extend(weakref.ref(e) for e in out)
+        return out
+
+    slices = [np.full((96, 96), 20 * k, np.uint8) for k in range(8)]
+    per_slice = default_openvino.encode(slices[0]).nbytes
+    default_openvino.encode_batch = recording
+    try:
+        with VolumeSession(default_openvino, slices=lambda k: slices[k], n_slices=8, volume_key="pin-test",
+                           cache=EmbeddingCache(max_bytes=2 * per_slice)) as session:
+            assert session.precompute() == 8
+            gc.collect()
+            alive = sum(ref() is not None for ref in made)
+            assert len(made) == 8 and alive <= 2 + 2  # the cache's two, the session's two most recent at most
+    finally:
+        del default_openvino.encode_batch
