@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from samunet_core.checkpoints import sha256_of_file
 from samunet_core.errors import InputError
 
 EXPORT_FORMAT_VERSION = 1
@@ -199,14 +200,6 @@ def state_sha256(module: Any) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class ExportKey:
     """What an export depends on. Its directory name holds all of it, so a change of any part is a cache miss."""
@@ -237,7 +230,7 @@ class ExportStore:
             manifest = json.loads((folder / "export.json").read_text(encoding="utf-8"))
             files = manifest["files"]
             for name, sha in files.items():
-                if _file_sha256(folder / name) != sha:
+                if sha256_of_file(folder / name) != sha:
                     return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -261,7 +254,7 @@ class ExportStore:
         try:
             t0 = time.perf_counter()
             extra = build(tmp)
-            files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.name: sha256_of_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"format": EXPORT_FORMAT_VERSION, **key.__dict__, "files": files,
                         "build_s": round(time.perf_counter() - t0, 2), **extra}
             (tmp / "export.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

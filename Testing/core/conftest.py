@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export_home import exports_in_a_temporary_folder  # noqa: E402,F401  (autouse: exports in a temporary folder)
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 SAM_MED2D = DATA / "sam_med2d_demo"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _exports_in_a_temporary_folder(tmp_path_factory):
-    """Encoder exports (built by `--runtime auto` on the CPU) go to this run's temporary folder, not ~/.cache:
-    the first test that needs one builds it (about 30 s), the rest reuse it."""
-    import os
-
-    old = os.environ.get("SAMUNET_CACHE_DIR")
-    os.environ["SAMUNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("samunet_home"))
-    yield
-    if old is None:
-        os.environ.pop("SAMUNET_CACHE_DIR", None)
-    else:
-        os.environ["SAMUNET_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SAMUNetSlicer"))
+sys.path.insert(0, str(REPO / "Testing"))
+from export_home import exports_in_a_temporary_folder  # noqa: E402,F401  (autouse: exports in a temporary folder)
 
 CT_CANDIDATES = [REPO / "Testing/data/slicerio_ctchest/CTChest4.nrrd", REPO / "Resources/Samples/CTChest4.nrrd"]
 
@@ -61,21 +63,6 @@ class Mrml:
         self.slicer.util.updateVolumeFromArray(volume, np.ascontiguousarray(array_kji))
         volume.CreateDefaultDisplayNodes()
         return volume
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _exports_in_a_temporary_folder(tmp_path_factory):
-    """Encoder exports (built by `--runtime auto` on the CPU) go to this run's temporary folder, not ~/.cache:
-    the first test that needs one builds it (about 30 s), the rest reuse it."""
-    import os
-
-    old = os.environ.get("SAMUNET_CACHE_DIR")
-    os.environ["SAMUNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("samunet_home"))
-    yield
-    if old is None:
-        os.environ.pop("SAMUNET_CACHE_DIR", None)
-    else:
-        os.environ["SAMUNET_CACHE_DIR"] = old
 
 
 @pytest.fixture
