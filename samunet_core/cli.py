@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("samunet_core.cli_eval", "accuracy protocols on an evaluation manifest"),
     "bench": ("samunet_core.cli_bench", "latency, throughput and memory benchmark"),
     "train": ("samunet_core.cli_train", "fine-tune prompt encoder and mask decoder from cached embeddings"),
+    "serve": ("samunet_core.cli_serve", "serve the engine over HTTP (for the Slicer module and --server)"),
 }
 
 

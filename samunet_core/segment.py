@@ -154,6 +154,9 @@ def open_session(volume: Any, predictor: Any, axis: str = "axial", *, window: tu
     image_u8, used_window = window_volume(volume, window, preset)
     slices = frame.volume_to_slices(image_u8)
     key = volume_key(slices, axis)
+    open_remote = getattr(predictor, "open_session", None)  # a RemoteClient: the volume goes to the server once
+    if open_remote is not None:
+        return open_remote(slices, key, axis), slices, used_window
     session = VolumeSession(predictor, lambda k: np.ascontiguousarray(slices[k]), frame.n_slices, key,
                             cache=cache if cache is not None else EmbeddingCache(), axis=axis, prefetch_radius=0)
     return session, slices, used_window
