@@ -55,6 +55,8 @@ class SAMUNetSlicerParameterNode:
     model: str = ""  # a registry name; the widget offers only models whose weights are present
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     runtime: Annotated[str, Choice(list(RUNTIME_CHOICES))] = "auto"  # the image encoder's: samunet_core/runtime.py
+    server: str = ""  # compute on: "" this computer, else a `samunet serve` URL (docs/serve.md)
+    tokenFile: str = ""  # the file holding that server's token
     correction: Annotated[str, Choice(["replace", "add", "remove"])] = "replace"
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
@@ -307,9 +309,17 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SAMUNetSlicerParameterNode(super().getParameterNode())
 
-    def predictor(self, model: str, device: str, runtime: str = "auto"):
-        """The loaded model (kept per model, device and encoder runtime). The first use of an exported runtime
-        builds its export (tens of seconds, once per weights and runtime version; cached on disk)."""
+    def predictor(self, model: str, device: str, runtime: str = "auto", server: str = "", token_file: str = ""):
+        """The loaded model (kept per model, device and encoder runtime), or with `server` a client of that
+        `samunet serve` (its model decides). The first use of an exported runtime builds its export (tens of
+        seconds, once per weights and runtime version; cached on disk)."""
+        if server:
+            key = ("server", server, token_file)
+            if key not in self._predictors:
+                from samunet_core.remote import RemoteClient, read_token
+
+                self._predictors[key] = RemoteClient(server, read_token(token_file or None))
+            return self._predictors[key]
         key = (model, device, runtime)
         if key not in self._predictors:
             from samunet_core.predictor import load_predictor
@@ -349,7 +359,7 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
         from SAMUNetSlicerLib.controller import InteractionController
 
         p = parameterNode
-        predictor = predictor or self.predictor(p.model or None, p.device, p.runtime)
+        predictor = predictor or self.predictor(p.model or None, p.device, p.runtime, p.server, p.tokenFile)
         return InteractionController(slicer.mrmlScene, predictor,
                                      cache=self.cache(), settings=self.maskSettings,
                                      undo_history=self.segmentEditorUndo, negative_modifier=negative_modifier,
@@ -358,7 +368,7 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
     def startController(self, controller, parameterNode) -> None:
         """Bind the parameter node's volume, segmentation and segment; prompt nodes are created once per scene."""
         p = parameterNode
-        controller.predictor = self.predictor(p.model or None, p.device, p.runtime)
+        controller.predictor = self.predictor(p.model or None, p.device, p.runtime, p.server, p.tokenFile)
         controller.start(p.inputVolume, p.segmentation, p.segmentID, p.positivePoints, p.negativePoints,
                          mode=p.correction)
         p.positivePoints, p.negativePoints = controller.positive_node, controller.negative_node
@@ -373,7 +383,8 @@ class SAMUNetSlicerLogic(ScriptedLoadableModuleLogic):
         prompts = controller.prompt_file(name, propagate)
         volumes = volumes or list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
         targets = make_targets(slicer.mrmlScene, volumes, name)
-        runner = BatchRunner(targets, predictor or self.predictor(p.model or None, p.device, p.runtime), prompts,
+        predictor = predictor or self.predictor(p.model or None, p.device, p.runtime, p.server, p.tokenFile)
+        runner = BatchRunner(targets, predictor, prompts,
                              cache=self.cache(), settings=self.maskSettings(), undo_history=self.segmentEditorUndo)
         runner.start()
         return runner

@@ -74,7 +74,7 @@ def build_cache(cache_dir: str | None) -> Any:
 def load_model(args: argparse.Namespace) -> Any:
     """The local Predictor, or with --server a RemoteClient (the server's model then decides)."""
     if getattr(args, "server", None):
-        from samunet_core.remote import RemoteClient
+        from samunet_core.remote import RemoteClient, read_token
 
         return RemoteClient(args.server, read_token(args.token_file))
     from samunet_core.predictor import load_predictor
@@ -82,17 +82,6 @@ def load_model(args: argparse.Namespace) -> Any:
     return load_predictor(args.model, device=args.device, checkpoint=args.checkpoint, runtime=args.runtime)
 
 
-def read_token(path: str | None) -> str | None:
-    """The bearer token in `path` (surrounding whitespace dropped), or None without a file."""
-    if path is None:
-        return None
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"--token-file {path} does not exist; give the file the server's token was written to")
-    token = file.read_text(encoding="utf-8").strip()
-    if not token:
-        raise InputError(f"--token-file {path} is empty")
-    return token
 
 
 def window_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,7 @@ If the server lost the session (restarted, expired), the session uploads the vol
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -22,6 +23,21 @@ import numpy as np
 from samunet_core.errors import InputError, SamunetError
 from samunet_core.predictor import Prediction
 from samunet_core.serve.protocol import API_PREFIX, PROTOCOL_VERSION, decode_mask
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in the file `path` (surrounding whitespace dropped), or None without a file."""
+    from pathlib import Path
+
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"token file {path} does not exist; give the file the server's token was written to")
+    token = file.read_text(encoding="utf-8").strip()
+    if not token:
+        raise InputError(f"token file {path} is empty")
+    return token
 
 
 class RemoteError(SamunetError):
@@ -102,8 +118,10 @@ class RemoteClient:
                              "(its --max-upload-mb); ask for a larger limit or compute on this computer")
         return self.request("POST", "/sessions", body, headers)
 
-    def open_session(self, slices: np.ndarray, volume_key: str, axis: str = "axial") -> RemoteSession:
-        return RemoteSession(self, slices, volume_key, axis)
+    def open_session(self, slices: Any, volume_key: str, axis: str = "axial", n_slices: int | None = None,
+                     prefetch_radius: int = 0) -> RemoteSession:
+        """slices: S x H x W[x3] uint8, or a function k -> slice with `n_slices` (read when first needed)."""
+        return RemoteSession(self, slices, volume_key, axis, prefetch=prefetch_radius, n_slices=n_slices)
 
 
 @dataclass
@@ -115,19 +133,65 @@ class RemoteStats:
 
 
 class RemoteSession:
-    """A volume on the server; a SliceDecoder for interaction.py and propagate.py."""
+    """A volume on the server; a SliceDecoder for interaction.py and propagate.py, and for the Slicer controller
+    (`run(fn)` and `prefetch(k)` as VolumeSession has them, on one worker thread of this client).
 
-    def __init__(self, client: RemoteClient, slices: np.ndarray, volume_key: str, axis: str = "axial",
-                 prefetch: int = 0) -> None:
+    slices: S x H x W[x3] uint8, or a function k -> slice with n_slices; a function is read, and the volume uploaded,
+    on the first request (on the worker thread when that request comes through `run`).
+    """
+
+    def __init__(self, client: RemoteClient, slices: Any, volume_key: str, axis: str = "axial",
+                 prefetch: int = 0, n_slices: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.client = client
-        self.slices = slices
+        self._source = slices
         self.volume_key = volume_key
         self.axis = axis
         self.prefetch_radius = prefetch
-        self.n_slices = int(slices.shape[0])
-        self.slice_shape = tuple(int(v) for v in slices.shape[1:3])
+        if callable(slices):
+            if n_slices is None:
+                raise InputError("a function of slices needs n_slices")
+            self.n_slices = int(n_slices)
+            self.slices: np.ndarray | None = None
+        else:
+            self.slices = np.asarray(slices)
+            self.n_slices = int(self.slices.shape[0])
         self.stats = RemoteStats()
-        self.id = client.upload(slices, axis)["session"]
+        self._id: str | None = None
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="samunet-remote")
+        if self.slices is not None:
+            self._upload()
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self._volume().shape[1:3])
+
+    def _volume(self) -> np.ndarray:
+        if self.slices is None:
+            self.slices = np.stack([np.asarray(self._source(k)) for k in range(self.n_slices)])
+        return self.slices
+
+    def _upload(self) -> str:
+        self._id = self.client.upload(self._volume(), self.axis)["session"]
+        return self._id
+
+    @property
+    def id(self) -> str:
+        with self._lock:
+            return self._id if self._id is not None else self._upload()
+
+    def run(self, fn: Any) -> Any:
+        """Future of fn(self), run on this session's worker thread (off a GUI thread)."""
+        return self._worker.submit(fn, self)
+
+    def prefetch(self, center: int, radius: int | None = None) -> None:
+        """Ask the server to encode the neighbours of `center` ahead of time (never blocks the caller)."""
+        radius = self.prefetch_radius if radius is None else radius
+        if radius > 0 and 0 <= int(center) < self.n_slices:
+            self._worker.submit(self.client.post_json, f"/sessions/{self.id}/prefetch",
+                                {"slice": int(center), "radius": int(radius)})
 
     def decode_key(self, k: int) -> tuple[str, str, str, str]:
         return (self.client.info["model"], self.client.info["encoder_id"], self.volume_key, f"{self.axis}:{k}")
@@ -157,7 +221,8 @@ class RemoteSession:
                 raise
             warnings.warn(f"the server lost session {self.id} (restarted or expired); uploading the volume again",
                           RuntimeWarning, stacklevel=2)
-            self.id = self.client.upload(self.slices, self.axis)["session"]
+            with self._lock:
+                self._upload()
             self.stats.reuploads += 1
             answer = self.client.post_json(f"/sessions/{self.id}/predict", payload)
         self.stats.round_trip_ms.append((time.perf_counter() - t0) * 1e3)
@@ -168,8 +233,11 @@ class RemoteSession:
         return Prediction(masks, logits, np.asarray(answer["scores"], np.float32))
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        if self._id is None:
+            return
         try:
-            self.client.request("DELETE", f"/sessions/{self.id}")
+            self.client.request("DELETE", f"/sessions/{self._id}")
         except RemoteError:
             pass  # already gone (expired or the server restarted): nothing to close
 

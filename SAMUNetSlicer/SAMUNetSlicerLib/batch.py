@@ -216,8 +216,12 @@ class BatchRunner:
             self._executor.shutdown(wait=False)
 
     def _compute(self, job: _Job) -> tuple[dict[int, np.ndarray], list[str]]:
-        session = VolumeSession(self.predictor, job.slices, job.n_slices, job.key, cache=self.cache, axis=self.axis,
-                                prefetch_radius=0)
+        open_remote = getattr(self.predictor, "open_session", None)  # computing on a `samunet serve` server
+        if open_remote is not None:
+            session = open_remote(job.slices, job.key, self.axis, n_slices=job.n_slices)
+        else:
+            session = VolumeSession(self.predictor, job.slices, job.n_slices, job.key, cache=self.cache,
+                                    axis=self.axis, prefetch_radius=0)
         try:
             segment = job.segment
             return session.run(lambda decoder: segment_slices(

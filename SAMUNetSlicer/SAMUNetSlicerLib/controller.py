@@ -628,8 +628,13 @@ class InteractionController:
         session = self._sessions.get(axis)
         if session is None:
             view = self._view(axis)
-            session = VolumeSession(self.predictor, view.slice_uint8, view.n_slices, view.key, cache=self.cache,
-                                    axis=axis, prefetch_radius=self.prefetch_radius)
+            open_remote = getattr(self.predictor, "open_session", None)  # computing on a `samunet serve` server
+            if open_remote is not None:
+                session = open_remote(view.slice_uint8, view.key, axis, n_slices=view.n_slices,
+                                      prefetch_radius=self.prefetch_radius)
+            else:
+                session = VolumeSession(self.predictor, view.slice_uint8, view.n_slices, view.key, cache=self.cache,
+                                        axis=axis, prefetch_radius=self.prefetch_radius)
             self._sessions[axis] = session
         return session
 

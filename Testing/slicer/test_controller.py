@@ -390,3 +390,33 @@ def test_sam_unet_on_tinyvit_runs_in_the_module_as_the_engine_runs_it(scene, ct,
         assert (expected & plane).any()  # one click in a whole lung is ambiguous: Dice 0.13 with this model here
     finally:
         controller.close()
+
+
+def test_computing_on_a_server_writes_what_this_computer_writes(scene, ct, default_predictor):
+    """'Compute on: server URL': the same click through `samunet serve` on loopback writes the same voxels."""
+    from samunet_core.remote import RemoteClient
+    from samunet_core.serve.app import ServeConfig, create_app
+    from samunet_core.serve.server import BackgroundServer
+
+    token = "slicer-test-token-0123456789"
+    server = BackgroundServer(create_app(ServeConfig(token=token), predictor=default_predictor))
+    remote = InteractionController(scene.scene, RemoteClient(server.url, token), prefetch_radius=1)
+    try:
+        volume, segmentation, lung, _ = ct
+        remote.start(volume, segmentation, lung, window=LUNG)
+        frame = remote.frame("axial")
+        reference = reference_labels_kji() == 5
+        k = int(np.argmax(frame.frame.volume_to_slices(reference).reshape(frame.n_slices, -1).sum(1)))
+        rows, cols = np.nonzero(frame.slice_of(reference, k))
+        row, col = int(np.median(rows)), int(np.median(cols[rows == int(np.median(rows))]))
+        click(scene, remote, "Red", frame.display_to_world([[k, row, col]])[0])
+        remote.wait()
+        assert remote.errors == []
+        written = segment_array(segmentation, lung, volume)
+        expected = interaction.decode_slice(Direct(default_predictor, frame, raw_voxels(remote)), k,
+                                            SlicePrompts(clicks=(Click(col, row),))).mask
+        assert expected.any() and np.array_equal(frame.slice_of(written, k), expected)
+        assert written.sum() == expected.sum()
+    finally:
+        remote.close()
+        server.stop()

@@ -68,6 +68,9 @@ class DeviceWorker:
         while True:
             _, _, fn, future = self._queue.get()
             if fn is None:
+                while not self._queue.empty():  # what was still queued will not run: say so to any waiter
+                    pending = self._queue.get_nowait()[3]
+                    pending.cancel()
                 return
             if not future.set_running_or_notify_cancel():
                 continue
@@ -76,8 +79,11 @@ class DeviceWorker:
             except BaseException as exc:  # handed to the request through the future
                 future.set_exception(exc)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish the running call, drop the queued ones, end the thread (a model call must not outlive the
+        interpreter: torch aborts the process)."""
         self._queue.put((-1, next(self._seq), None, Future()))
+        self._thread.join(timeout)
 
 
 @dataclass
@@ -158,6 +164,11 @@ class ServerState:
 
 class TooMany(Exception):
     pass
+
+
+class PrefetchBody(BaseModel):
+    slice: int
+    radius: int = Field(3, ge=0, le=16)
 
 
 class PredictBody(BaseModel):
@@ -296,6 +307,20 @@ def create_app(config: ServeConfig, predictor: Any = None) -> Any:
                     state.worker.submit(lambda k=k: state.embedding(session, k), priority=1)
         return {"masks": [encode_mask(m) for m in out.masks], "scores": [float(s) for s in out.scores],
                 "logits_id": logits_id, "encoded": encoded}
+
+    @app.post(f"{API_PREFIX}/sessions/{{sid}}/prefetch")
+    def prefetch(sid: str, body: PrefetchBody, _token: str = Depends(authorised)) -> dict[str, Any]:
+        session = state.get(sid)
+        n = session.slices.shape[0]
+        if not 0 <= body.slice < n:
+            raise InputError(f"slice {body.slice} is outside the volume (0..{n - 1})")
+        queued = 0
+        for d in range(0, body.radius + 1):
+            for k in {body.slice + d, body.slice - d}:
+                if 0 <= k < n:
+                    state.worker.submit(lambda k=k: state.embedding(session, k), priority=1)
+                    queued += 1
+        return {"queued": queued}
 
     @app.delete(f"{API_PREFIX}/sessions/{{sid}}")
     def close(sid: str, _token: str = Depends(authorised)) -> dict[str, Any]:
