@@ -187,3 +187,68 @@ def test_no_auth_only_on_loopback_and_versions_must_match(server):
         create_app(ServeConfig(token=None), predictor=object())
     c = RemoteClient(server.url, TOKEN)
     assert c.info["protocol"] == 1 and c.info["model"] == "samunet_tinyvit"
+
+
+def test_faults_a_killed_upload_a_slow_client_idle_expiry_and_rate_limits(default_openvino):
+    """A client dying mid-upload and one uploading slowly do not stop others; idle sessions expire (the client then
+    re-uploads); over the request rate a token gets 429."""
+    import socket
+
+    app = create_app(ServeConfig(token=TOKEN, idle_timeout_s=1.0, requests_per_s=20), predictor=default_openvino)
+    srv = BackgroundServer(app)
+    try:
+        head = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nX-Shape: 4,256,256\r\n"
+                f"Content-Length: {4 * 256 * 256}\r\n\r\n").encode()
+        killed = socket.create_connection((srv.host, srv.port))
+        killed.sendall(head + b"x" * 1000)
+        killed.close()  # died mid-upload
+        slow = socket.create_connection((srv.host, srv.port))
+        slow.sendall(head + b"x" * 1000)  # ... and stays there
+        c = RemoteClient(srv.url, TOKEN)
+        image = load_image("s0114_111")
+        s = RemoteSession(c, image[None], "faults")
+        t0 = time.perf_counter()
+        s.predict(0, boxes=[[40, 40, 120, 120]])
+        assert time.perf_counter() - t0 < 30  # not stalled behind the slow upload
+        slow.close()
+        time.sleep(1.5)  # idle past the timeout: the session is gone, the client uploads again and says so
+        with pytest.warns(RuntimeWarning, match="uploading the volume again"):
+            s.predict(0, boxes=[[40, 40, 120, 120]])
+        statuses = []
+        for _ in range(40):
+            try:
+                c.post_json(f"/sessions/{s.id}/prefetch", {"slice": 0, "radius": 0})
+            except RemoteError as exc:
+                statuses.append(exc.status)
+        assert 429 in statuses  # 20 requests/s per token, then "slow down"
+        assert c.check()["protocol"] == 1  # still up
+    finally:
+        srv.stop()
+
+
+def test_a_client_refuses_a_server_of_another_protocol(server, monkeypatch):
+    from samunet_core import remote
+
+    monkeypatch.setattr(remote, "PROTOCOL_VERSION", 99)
+    with pytest.raises(InputError, match="install the same samunet version"):
+        RemoteClient(server.url, TOKEN)
+
+
+def test_segment_command_computes_on_the_server_and_writes_the_local_result(server, tmp_path):
+    from samunet_core.cli import main
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    samples = REPO / "Resources/Samples"
+    args = [str(samples / "CTChest4.nrrd"), "--prompts", str(samples / "ctchest_prompts.json"), "--preset", "lung",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["segment", *args, "--output", str(tmp_path / "local.nii.gz"), "--runtime", "openvino"]) == 0
+    assert main(["segment", *args, "--output", str(tmp_path / "remote.nii.gz"), "--server", server.url,
+                 "--token-file", str(token_file)]) == 0
+    import SimpleITK as sitk
+
+    local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.nii.gz")))
+    remote = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remote.nii.gz")))
+    assert local.any() and np.array_equal(local, remote)
+    assert main(["segment", *args, "--output", str(tmp_path / "x.nii.gz"), "--server", server.url,
+                 "--token-file", str(tmp_path / "missing")]) == 2

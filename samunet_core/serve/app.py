@@ -131,6 +131,7 @@ class ServerState:
             return session
 
     def get(self, sid: str) -> ServerSession:
+        self.expire_idle()
         with self.lock:
             session = self.sessions.get(sid)
         if session is None:
