@@ -225,6 +225,38 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def bench_remote(url: str, token: str | None, hu_slices: np.ndarray, decoder_runs: int = 100,
+                 progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Click-to-mask through a `samunet serve` server (RemoteSession: prompt out, compact mask back) on a cached
+    slice, the same prompts as the local measurement; the volume upload timed once."""
+    from samunet_core.cache import content_hash
+    from samunet_core.remote import RemoteClient, RemoteSession
+    from samunet_core.transforms import window_to_uint8
+
+    slices = window_to_uint8(hu_slices, *CT_WINDOW)
+    client = RemoteClient(url, token)
+    progress(f"[server {url}] upload, then {decoder_runs} prompts on a cached slice")
+    t0 = time.perf_counter()
+    session = RemoteSession(client, slices, content_hash(slices, CT_WINDOW))
+    upload_s = time.perf_counter() - t0
+    try:
+        k = len(slices) // 2
+        h, w = slices.shape[1:3]
+        prompts = _prompts(h, w, decoder_runs)
+        for p in prompts[:5]:
+            session.predict(k, **p)
+        times = []
+        for p in prompts:
+            t = time.perf_counter()
+            session.predict(k, **p)
+            times.append((time.perf_counter() - t) * 1e3)
+    finally:
+        session.close()
+    return {"url": url, "server_model": client.info["model"], "server_device": client.info["device"],
+            "server_runtime": client.info["runtime"], "upload_s": round(upload_s, 3),
+            "volume_shape": list(slices.shape), "click_to_mask_ms": percentiles(times)}
+
+
 def runtimes_to_bench(model: str, device: str) -> list[str]:
     """Every runtime usable for `model` on `device`: the one `auto` picks first, eager torch always among them."""
     from samunet_core import runtime as runtimes
@@ -252,7 +284,8 @@ def _bench_in_child(kwargs: dict[str, Any]) -> dict[str, Any]:
 def run_bench(model: str, device: str = "auto", threads: int | None = None,
               volume_path: Path | None = None, encoder_runs: int = 20, decoder_runs: int = 100,
               volume_slices: int = 16, memory_slices: int | None = None, runtimes: list[str] | None = None,
-              isolate: bool = True, progress: Callable[[str], None] = print) -> dict[str, Any]:
+              isolate: bool = True, server: str | None = None, token: str | None = None,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Benchmark on CPU (always) and CUDA (when `device` is auto and a GPU is present, or when asked for), every
     runtime side by side on the first device (CPU: torch, openvino, openvino-bf16, onnxruntime when installed).
 
@@ -290,6 +323,7 @@ def run_bench(model: str, device: str = "auto", threads: int | None = None,
         names = runtimes_to_bench(model, dev)
         if runtimes is not None and dev == devices[0]:
             names = [names[0]] + [n for n in runtimes if n != names[0]]
+            names += ["torch"] if "torch" not in names else []  # eager torch is always among them
         for name in names if dev == devices[0] else names[:1]:
             kwargs = {"model": model, "device": dev, "hu_slices": hu_slices, "encoder_runs": encoder_runs,
                       "decoder_runs": decoder_runs, "volume_slices": volume_slices, "runtime": name,
@@ -308,6 +342,8 @@ def run_bench(model: str, device: str = "auto", threads: int | None = None,
                 runs[dev] = result
     document = dict(runs[devices[0]])
     document.update({"volume_path": str(path), "torch": torch.__version__, "runs": runs,
-                     "runtimes": per_runtime, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_runtime.values()),
-                     "wall_s": round(time.perf_counter() - t0, 1)})
+                     "runtimes": per_runtime, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_runtime.values())})
+    if server is not None:
+        document["remote"] = bench_remote(server, token, hu_slices, decoder_runs, progress)
+    document["wall_s"] = round(time.perf_counter() - t0, 1)
     return document

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtimes", nargs="+", default=None, metavar="NAME",
                         help="encoder runtimes to measure on the first device besides the one auto picks (default: "
                              "every installed one: torch, openvino, openvino-bf16, onnxruntime)")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="also time click-to-mask through this `samunet serve` server (key \"remote\")")
+    parser.add_argument("--token-file", default=None, metavar="FILE", help="the server's token (with --server)")
     parser.add_argument("--same-process", action="store_true",
                         help="measure every runtime in this process (default: one process each, so each peak RSS "
                              "is its own)")
@@ -37,12 +40,14 @@ def run(args: argparse.Namespace) -> int:
 
     from samunet_core.bench import run_bench
     from samunet_core.io.atomic import atomic_path, check_writable
+    from samunet_core.remote import read_token
 
     out = check_writable(args.out)
     document = run_bench(model=args.model, device=args.device, threads=args.threads, volume_path=args.volume,
                          encoder_runs=args.encoder_runs, decoder_runs=args.decoder_runs,
                          volume_slices=args.volume_slices, memory_slices=args.memory_slices,
-                         runtimes=args.runtimes, isolate=not args.same_process,
+                         runtimes=args.runtimes, isolate=not args.same_process, server=args.server,
+                         token=read_token(args.token_file),
                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     with atomic_path(out) as tmp:
         Path(tmp).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
@@ -60,5 +65,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{m['cache_bytes'] / 2**20:.0f} MiB ({m['cache_evictions']} evictions), peak RSS "
                   f"{m['peak_rss_mb']:.0f} MB -> {'PASS' if m['passed'] else 'FAIL'} (< 1.5 GiB), "
                   f"precomputed in {m['precompute_s']:.0f} s")
+    if "remote" in document:
+        r = document["remote"]
+        print(f"server {r['url']} ({r['server_device']}, {r['server_runtime']}): click-to-mask p50 "
+              f"{r['click_to_mask_ms']['p50']:.1f} ms (p95 {r['click_to_mask_ms']['p95']:.1f}), upload of a "
+              f"{'x'.join(map(str, r['volume_shape']))} volume {r['upload_s']:.2f} s")
     print(f"wrote {out}")
     return 0

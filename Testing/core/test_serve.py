@@ -252,3 +252,14 @@ def test_segment_command_computes_on_the_server_and_writes_the_local_result(serv
     assert local.any() and np.array_equal(local, remote)
     assert main(["segment", *args, "--output", str(tmp_path / "x.nii.gz"), "--server", server.url,
                  "--token-file", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_times_clicks_through_the_server(server):
+    from samunet_core.bench import bench_remote, load_ct
+
+    hu = load_ct(REPO / "Testing/data/totalsegmentator/example_ct_dicom_first4")
+    result = bench_remote(server.url, TOKEN, hu, decoder_runs=100, progress=lambda _m: None)
+    assert result["click_to_mask_ms"]["n"] == 100 and result["click_to_mask_ms"]["p50"] > 0
+    assert result["server_model"] == "samunet_tinyvit" and result["volume_shape"] == [4, 512, 512]
+    with pytest.raises(RemoteError, match="cannot reach"):  # nothing listens on port 9: an error, never a hang
+        bench_remote("http://127.0.0.1:9", TOKEN, hu, progress=lambda _m: None)
