@@ -40,6 +40,14 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+def _loopback_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    from samunet_core.serve.protocol import is_loopback
+
+    return is_loopback(urlparse(url).hostname or "")
+
+
 class RemoteError(SamunetError):
     """The server answered with an error (the message is the server's)."""
 
@@ -65,10 +73,21 @@ class RemoteLogits:
 class RemoteClient:
     """A server at `url` (http://host:port) with a bearer `token` (None for a server run with --insecure-no-auth)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, ca_file: str | None = None
+                 ) -> None:
+        """ca_file: a PEM certificate (or bundle) to trust for an https:// server with its own certificate
+        (default: the system's trusted certificates; also $SAMUNET_CA_FILE)."""
+        import os
+        import ssl
+
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        ca_file = ca_file or os.environ.get("SAMUNET_CA_FILE")
+        self._ssl = ssl.create_default_context(cafile=ca_file) if self.url.startswith("https://") else None
+        if self.token and self.url.startswith("http://") and not _loopback_url(self.url):
+            warnings.warn(f"the token goes to {self.url} unencrypted; serve HTTPS (--ssl-certfile) or use a TLS "
+                          "proxy for anything beyond this computer", RuntimeWarning, stacklevel=2)
         self.info = self.check()
         # what `samunet segment` reports about the model it used
         self.model_id = self.info["model"]
@@ -82,7 +101,7 @@ class RemoteClient:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.url + API_PREFIX + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             try:

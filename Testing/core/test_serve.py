@@ -263,3 +263,20 @@ def test_bench_times_clicks_through_the_server(server):
     assert result["server_model"] == "samunet_tinyvit" and result["volume_shape"] == [4, 512, 512]
     with pytest.raises(RemoteError, match="cannot reach"):  # nothing listens on port 9: an error, never a hang
         bench_remote("http://127.0.0.1:9", TOKEN, hu, progress=lambda _m: None)
+
+
+def test_https_with_the_servers_certificate(default_openvino):
+    """--ssl-certfile/--ssl-keyfile: HTTPS on loopback; a client trusting that certificate works, one that does not
+    is refused (no silent fallback to an unverified connection)."""
+    tls = REPO / "Testing/data/tls"
+    srv = BackgroundServer(create_app(ServeConfig(token=TOKEN), predictor=default_openvino),
+                           ssl_certfile=str(tls / "localhost.crt"), ssl_keyfile=str(tls / "localhost.key"))
+    try:
+        assert srv.url.startswith("https://")
+        c = RemoteClient(srv.url, TOKEN, ca_file=str(tls / "localhost.crt"))
+        with RemoteSession(c, load_image("s0114_111")[None], "tls") as s:
+            assert s.predict(0, boxes=[[40, 40, 120, 120]]).masks[0].any()
+        with pytest.raises(RemoteError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            RemoteClient(srv.url, TOKEN)
+    finally:
+        srv.stop()

@@ -16,6 +16,18 @@ PROTOCOL_VERSION = 1
 API_PREFIX = "/v1"
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this computer can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     """HxW bool -> {"region": [r0, c0, r1, c1], "rle": [runs...]} (see the module doc)."""
     mask = np.asarray(mask, bool)

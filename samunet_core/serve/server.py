@@ -3,22 +3,13 @@ notebooks)."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
 from typing import Any
 
 from samunet_core.errors import InputError
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from samunet_core.serve.protocol import is_loopback
 
 
 def check_host(host: str, insecure_no_auth: bool) -> None:
@@ -31,7 +22,8 @@ def check_host(host: str, insecure_no_auth: bool) -> None:
 class BackgroundServer:
     """uvicorn serving `app` on 127.0.0.1 (a free port unless given) in a daemon thread; `stop()` shuts it down."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, ssl_certfile: str | None = None,
+                 ssl_keyfile: str | None = None) -> None:
         import uvicorn
 
         self.app = app
@@ -39,7 +31,9 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+        self.scheme = "https" if ssl_certfile else "http"
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -51,7 +45,7 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self) -> None:
         self.server.should_exit = True
