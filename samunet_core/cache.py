@@ -107,6 +107,13 @@ class EmbeddingCache:
         self._insert(key, stored)
         self._write_disk(key, stored)
 
+    def discard(self, key: CacheKey) -> None:
+        """Drop one entry from memory (the disk store keeps it)."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -154,6 +154,14 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, client):
     with pytest.raises(RemoteError) as exc:
         client.post_json(f"/sessions/{s.id}/predict", {"slice": 5, "boxes": [[1, 1, 9, 9]]})
     assert exc.value.status == 422 and "outside the volume" in str(exc.value)
+    too_many = {"slice": 0, "points": [[5, 5]] * 65, "labels": [1] * 65}
+    status, body = _raw(server, "POST", f"/sessions/{s.id}/predict", json.dumps(too_many).encode(), auth)
+    assert status == 422 and "at most 64" in body["detail"]
+    first = s.predict(1, boxes=[[10, 10, 40, 40]])
+    status, body = _raw(server, "POST", f"/sessions/{s.id}/predict", json.dumps(
+        {"slice": 1, "points": [[20, 20]], "labels": [1], "mask_input_id": first.logits.logits_id,
+         "mask_input_rows": [3]}).encode(), auth)
+    assert status == 422 and "rows" in body["detail"]
     assert s.predict(1, boxes=[[10, 10, 40, 40]]).masks.shape == (1, 64, 64)  # still serving
     s.close()
 
@@ -278,5 +286,28 @@ def test_https_with_the_servers_certificate(default_openvino):
             assert s.predict(0, boxes=[[40, 40, 120, 120]]).masks[0].any()
         with pytest.raises(RemoteError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
             RemoteClient(srv.url, TOKEN)
+    finally:
+        srv.stop()
+
+
+def test_sessions_share_the_cache_fairly(default_openvino):
+    """One session encoding many slices gives up its own oldest slices, not another session's."""
+    per_slice = default_openvino.encode(np.zeros((64, 64), np.uint8)).nbytes
+    app = create_app(ServeConfig(token=TOKEN, cache_bytes=4 * per_slice), predictor=default_openvino)
+    srv = BackgroundServer(app)
+    try:
+        c = RemoteClient(srv.url, TOKEN)
+        a = RemoteSession(c, np.stack([np.full((64, 64), 10 * i, np.uint8) for i in range(8)]), "a")
+        b = RemoteSession(c, np.stack([np.full((64, 64), 200 - 10 * i, np.uint8) for i in range(2)]), "b")
+        for k in range(2):
+            b.predict(k, boxes=[[10, 10, 40, 40]])
+        for k in range(8):
+            a.predict(k, boxes=[[10, 10, 40, 40]])
+        state = app.state.samunet
+        b_keys = list(state.sessions[b.id].cached)
+        assert len(b_keys) == 2 and all(key in state.cache for key in b_keys)  # B kept its half
+        assert len(state.sessions[a.id].cached) == 2  # A holds its half, its oldest slices went
+        b.predict(0, boxes=[[10, 10, 40, 40]])
+        assert b.stats.encodes == 2  # its slice 0 came from the cache, not a new encode
     finally:
         srv.stop()

@@ -48,6 +48,7 @@ class ServeConfig:
     idle_timeout_s: float = 1800.0
     max_prompts: int = 64  # points + boxes in one request
     requests_per_s: float = 200.0  # per token (burst: one second's worth)
+    cache_bytes: int | None = None  # the shared embedding cache (default: the engine's default cap)
 
 
 class DeviceWorker:
@@ -97,6 +98,7 @@ class ServerSession:
     last_used: float = field(default_factory=time.monotonic)
     logits: OrderedDict = field(default_factory=OrderedDict)
     logits_seq: itertools.count = field(default_factory=itertools.count)
+    cached: OrderedDict = field(default_factory=OrderedDict)  # this session's keys in the shared cache -> bytes
 
 
 class ServerState:
@@ -105,7 +107,8 @@ class ServerState:
 
         self.config = config
         self.predictor = predictor
-        self.cache = EmbeddingCache()  # bounded, shared by every session (LRU: each keeps what it uses)
+        # bounded and shared: each session may hold at most an equal share (see `embedding`)
+        self.cache = EmbeddingCache(config.cache_bytes) if config.cache_bytes else EmbeddingCache()
         self.worker = DeviceWorker()
         self.sessions: dict[str, ServerSession] = {}
         self.lock = threading.Lock()
@@ -116,7 +119,14 @@ class ServerState:
         now = time.monotonic()
         with self.lock:
             for sid in [s.id for s in self.sessions.values() if now - s.last_used > self.config.idle_timeout_s]:
-                del self.sessions[sid]
+                self._drop(sid)
+
+    def _drop(self, sid: str) -> None:
+        """Forget a session and free its share of the cache (call with the lock held)."""
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            for key in session.cached:
+                self.cache.discard(key)
 
     def add(self, slices: np.ndarray, axis: str) -> ServerSession:
         from samunet_core.cache import volume_key
@@ -147,6 +157,15 @@ class ServerState:
         if emb is not None:
             return emb, False
         emb = self.predictor.encode(np.ascontiguousarray(session.slices[k]))
+        # fair share: a session about to pass an equal part of the cache first gives up its own oldest slices, so
+        # the shared LRU never has to evict another session's
+        with self.lock:
+            share = self.cache.max_bytes // max(len(self.sessions), 1)
+            session.cached.pop(key, None)
+            while session.cached and sum(session.cached.values()) + emb.nbytes > share:
+                old, _ = session.cached.popitem(last=False)
+                self.cache.discard(old)
+            session.cached[key] = emb.nbytes
         self.cache.put(key, emb)
         return emb, True
 
@@ -289,7 +308,11 @@ def create_app(config: ServeConfig, predictor: Any = None) -> Any:
             stored = session.logits.get(body.mask_input_id)
             if stored is None:
                 raise InputError(f"logits {body.mask_input_id!r} are no longer kept; send the click without them")
-            mask_input = stored[body.mask_input_rows] if body.mask_input_rows is not None else stored
+            rows = body.mask_input_rows if body.mask_input_rows is not None else list(range(len(stored)))
+            if not rows or any(not 0 <= r < len(stored) for r in rows):
+                raise InputError(f"mask_input_rows {rows}: logits {body.mask_input_id!r} have rows "
+                                 f"0..{len(stored) - 1}")
+            mask_input = stored[rows]
 
         def work() -> tuple[Any, bool]:
             emb, encoded = state.embedding(session, body.slice)
@@ -327,7 +350,7 @@ def create_app(config: ServeConfig, predictor: Any = None) -> Any:
     def close(sid: str, _token: str = Depends(authorised)) -> dict[str, Any]:
         state.get(sid)
         with state.lock:
-            state.sessions.pop(sid, None)
+            state._drop(sid)
         return {"closed": sid}
 
     return app
