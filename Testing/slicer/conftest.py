@@ -14,19 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SAMUNetSlicer"))
 
-
-def _shared_fixtures():
-    """Testing/export_home.py, loaded by path (putting Testing/ on sys.path would shadow the `slicer` package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("samunet_export_home", Path(__file__).resolve().parents[1]
-                                                  / "export_home.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-exports_in_a_temporary_folder = _shared_fixtures().exports_in_a_temporary_folder  # autouse: exports in a temp folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # not Testing/: it holds a `slicer` dir
+from export_home import exports_in_a_temporary_folder  # noqa: E402,F401  (autouse: exports in a temporary folder)
 
 CT_CANDIDATES = [REPO / "Testing/data/slicerio_ctchest/CTChest4.nrrd", REPO / "Resources/Samples/CTChest4.nrrd"]
 
