@@ -225,36 +225,53 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_remote(url: str, token: str | None, hu_slices: np.ndarray, decoder_runs: int = 100,
+def bench_remote(url: str, token: str | None, hu_slices: np.ndarray, decoder_runs: int = 100, clients: int = 1,
                  progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Click-to-mask through a `samunet serve` server (RemoteSession: prompt out, compact mask back) on a cached
-    slice, the same prompts as the local measurement; the volume upload timed once."""
+    slice, the same prompts as the local measurement, from `clients` concurrent clients (each its own session and
+    upload); latencies of all clicks together, errors counted."""
+    import threading
+
     from samunet_core.cache import content_hash
     from samunet_core.remote import RemoteClient, RemoteSession
     from samunet_core.transforms import window_to_uint8
 
+    if clients < 1:
+        raise InputError(f"--clients must be >= 1, got {clients}")
     slices = window_to_uint8(hu_slices, *CT_WINDOW)
-    client = RemoteClient(url, token)
-    progress(f"[server {url}] upload, then {decoder_runs} prompts on a cached slice")
-    t0 = time.perf_counter()
-    session = RemoteSession(client, slices, content_hash(slices, CT_WINDOW))
-    upload_s = time.perf_counter() - t0
-    try:
-        k = len(slices) // 2
-        h, w = slices.shape[1:3]
-        prompts = _prompts(h, w, decoder_runs)
-        for p in prompts[:5]:
-            session.predict(k, **p)
-        times = []
-        for p in prompts:
-            t = time.perf_counter()
-            session.predict(k, **p)
-            times.append((time.perf_counter() - t) * 1e3)
-    finally:
-        session.close()
-    return {"url": url, "server_model": client.info["model"], "server_device": client.info["device"],
-            "server_runtime": client.info["runtime"], "upload_s": round(upload_s, 3),
-            "volume_shape": list(slices.shape), "click_to_mask_ms": percentiles(times)}
+    info = RemoteClient(url, token).info
+    k = len(slices) // 2
+    prompts = _prompts(*slices.shape[1:3], decoder_runs)
+    times: list[float] = []
+    uploads: list[float] = []
+    errors: list[str] = []
+
+    def one_client() -> None:
+        try:
+            t0 = time.perf_counter()
+            session = RemoteSession(RemoteClient(url, token), slices, content_hash(slices, CT_WINDOW))
+            uploads.append(time.perf_counter() - t0)
+            with session:
+                for p in prompts[:5]:
+                    session.predict(k, **p)
+                for p in prompts:
+                    t = time.perf_counter()
+                    session.predict(k, **p)
+                    times.append((time.perf_counter() - t) * 1e3)
+        except Exception as exc:  # counted and reported, the other clients go on
+            errors.append(repr(exc))
+
+    progress(f"[server {url}] {clients} client(s): upload, then {decoder_runs} prompts each on a cached slice")
+    threads = [threading.Thread(target=one_client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"url": url, "server_model": info["model"], "server_device": info["device"],
+            "server_runtime": info["runtime"], "clients": clients, "errors": len(errors),
+            "error_examples": errors[:3], "upload_s": round(max(uploads), 3) if uploads else None,
+            "volume_shape": list(slices.shape),
+            "click_to_mask_ms": percentiles(times) if times else None}
 
 
 def runtimes_to_bench(model: str, device: str) -> list[str]:
@@ -284,7 +301,7 @@ def _bench_in_child(kwargs: dict[str, Any]) -> dict[str, Any]:
 def run_bench(model: str, device: str = "auto", threads: int | None = None,
               volume_path: Path | None = None, encoder_runs: int = 20, decoder_runs: int = 100,
               volume_slices: int = 16, memory_slices: int | None = None, runtimes: list[str] | None = None,
-              isolate: bool = True, server: str | None = None, token: str | None = None,
+              isolate: bool = True, server: str | None = None, token: str | None = None, clients: int = 1,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Benchmark on CPU (always) and CUDA (when `device` is auto and a GPU is present, or when asked for), every
     runtime side by side on the first device (CPU: torch, openvino, openvino-bf16, onnxruntime when installed).
@@ -344,6 +361,6 @@ def run_bench(model: str, device: str = "auto", threads: int | None = None,
     document.update({"volume_path": str(path), "torch": torch.__version__, "runs": runs,
                      "runtimes": per_runtime, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_runtime.values())})
     if server is not None:
-        document["remote"] = bench_remote(server, token, hu_slices, decoder_runs, progress)
+        document["remote"] = bench_remote(server, token, hu_slices, decoder_runs, clients, progress)
     document["wall_s"] = round(time.perf_counter() - t0, 1)
     return document

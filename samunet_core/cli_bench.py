@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=None, metavar="URL",
                         help="also time click-to-mask through this `samunet serve` server (key \"remote\")")
     parser.add_argument("--token-file", default=None, metavar="FILE", help="the server's token (with --server)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="concurrent clients for --server, each with its own session (default 1)")
     parser.add_argument("--same-process", action="store_true",
                         help="measure every runtime in this process (default: one process each, so each peak RSS "
                              "is its own)")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                          encoder_runs=args.encoder_runs, decoder_runs=args.decoder_runs,
                          volume_slices=args.volume_slices, memory_slices=args.memory_slices,
                          runtimes=args.runtimes, isolate=not args.same_process, server=args.server,
-                         token=read_token(args.token_file),
+                         token=read_token(args.token_file), clients=args.clients,
                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     with atomic_path(out) as tmp:
         Path(tmp).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
@@ -67,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
                   f"precomputed in {m['precompute_s']:.0f} s")
     if "remote" in document:
         r = document["remote"]
-        print(f"server {r['url']} ({r['server_device']}, {r['server_runtime']}): click-to-mask p50 "
-              f"{r['click_to_mask_ms']['p50']:.1f} ms (p95 {r['click_to_mask_ms']['p95']:.1f}), upload of a "
-              f"{'x'.join(map(str, r['volume_shape']))} volume {r['upload_s']:.2f} s")
+        clicks = r["click_to_mask_ms"] or {"p50": float("nan"), "p95": float("nan"), "n": 0}
+        print(f"server {r['url']} ({r['server_device']}, {r['server_runtime']}), {r['clients']} client(s): "
+              f"click-to-mask p50 {clicks['p50']:.1f} ms (p95 {clicks['p95']:.1f}) over {clicks['n']} clicks, "
+              f"{r['errors']} errors, upload of a {'x'.join(map(str, r['volume_shape']))} volume {r['upload_s']} s")
     print(f"wrote {out}")
     return 0

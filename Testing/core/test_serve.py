@@ -266,8 +266,9 @@ def test_bench_times_clicks_through_the_server(server):
     from samunet_core.bench import bench_remote, load_ct
 
     hu = load_ct(REPO / "Testing/data/totalsegmentator/example_ct_dicom_first4")
-    result = bench_remote(server.url, TOKEN, hu, decoder_runs=100, progress=lambda _m: None)
-    assert result["click_to_mask_ms"]["n"] == 100 and result["click_to_mask_ms"]["p50"] > 0
+    result = bench_remote(server.url, TOKEN, hu, decoder_runs=100, clients=2, progress=lambda _m: None)
+    assert result["errors"] == 0 and result["clients"] == 2
+    assert result["click_to_mask_ms"]["n"] == 200 and result["click_to_mask_ms"]["p50"] > 0
     assert result["server_model"] == "samunet_tinyvit" and result["volume_shape"] == [4, 512, 512]
     with pytest.raises(RemoteError, match="cannot reach"):  # nothing listens on port 9: an error, never a hang
         bench_remote("http://127.0.0.1:9", TOKEN, hu, progress=lambda _m: None)
