@@ -150,7 +150,14 @@ def run(args: argparse.Namespace) -> int:
     from samunet_core.predictor import Predictor, resolve_device
     from samunet_core.train.delta import FAMILY_PREFIXES, apply_delta, read_delta, save_delta
     from samunet_core.train.embeddings import list_items, open_cache, precompute
-    from samunet_core.train.loop import TrainConfig, Trainer, prompt_schedule, store_model_inputs
+    from samunet_core.train.loop import (
+        TrainConfig,
+        Trainer,
+        loss_summary,
+        prompt_schedule,
+        resume_or_run,
+        store_model_inputs,
+    )
     from samunet_core.train.prompt_sim import slice_position
     from samunet_core.train.splits import write_validation_manifest
     from samunet_core.train.weights_source import LITEMEDSAM_SHA256, load_base_litemedsam
@@ -205,20 +212,11 @@ def run(args: argparse.Namespace) -> int:
                       device=device, metadata=metadata)
     stacks = {slice_position(trainer.items[a].source)[0] for a, _ in trainer.pairs}
     metadata["propagation_pairs"] = {"pairs": len(trainer.pairs), "stacks": len(stacks)}
-    if not args.restart and trainer.resume():
-        print(f"resumed {trainer.checkpoint_path} at step {trainer.step}")
-    elif args.export_only:
-        raise InputError(f"--export-only needs a checkpoint in {args.run_dir}")
-    if args.export_only:
-        history = trainer.history
-    else:
-        stop = None if args.time_limit_min is None else 60 * args.time_limit_min
-        history = trainer.run(progress=not args.no_progress, stop_after_s=stop)
+    history = resume_or_run(trainer, args)
     run_info = {"steps_done": trainer.step, "config": dataclasses.asdict(config),
                 "prompt_schedule": prompt_schedule(config), "train_seconds": round(trainer.train_seconds, 1),
                 "encode_seconds_this_run": round(encode_s, 1),
-                "loss_first_25": _mean([h["loss"] for h in history[:25]]),
-                "loss_last_25": _mean([h["loss"] for h in history[-25:]])}
+                **loss_summary(history)}
     out = Path(args.out) if args.out else (Path(args.run_dir) / "samunet_tinyvit_delta.pt" if tinyvit else DEFAULT_OUT)
     prefixes = FAMILY_PREFIXES[args.model]
     digest = save_delta(trainer.model, out, LITEMEDSAM_SHA256, {**metadata, "run": run_info}, prefixes)
@@ -246,10 +244,6 @@ def _build_tinyvit(args: argparse.Namespace, metadata: dict[str, Any]) -> Any:
                      "init_from": {"model": "litemedsam_clicks", "sha256": info.sha256},
                      "trainable_groups": list(groups)})
     return model
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
 
 
 def validate_both(manifest: str, trained_model: Any, args: argparse.Namespace, device: str) -> dict[str, Any]:

@@ -510,3 +510,28 @@ def run_steps(trainer: Any, progress: bool = True, stop_after_s: float | None = 
     if cfg.checkpoint_every:
         trainer.save_checkpoint()
     return trainer.history
+
+
+def resume_or_run(trainer: Any, args: Any) -> list[dict[str, float]]:
+    """What `samunet train` does with a trainer, for every family: resume its checkpoint unless --restart, then train
+    to the end (or --time-limit-min), or with --export-only just take the checkpoint's history. Returns the history."""
+    from samunet_core.errors import InputError
+
+    if not args.restart and trainer.resume():
+        print(f"resumed {trainer.checkpoint_path} at step {trainer.step}")
+    elif args.export_only:
+        raise InputError(f"--export-only needs a checkpoint in {args.run_dir}")
+    if args.export_only:
+        return trainer.history
+    stop = None if args.time_limit_min is None else 60 * args.time_limit_min
+    return trainer.run(progress=not args.no_progress, stop_after_s=stop)
+
+
+def loss_summary(history: list[dict[str, float]]) -> dict[str, float | None]:
+    """{"loss_first_25", "loss_last_25"}: the mean loss of the first and the last 25 steps of a run's history."""
+
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"loss_first_25": mean([h["loss"] for h in history[:25]]),
+            "loss_last_25": mean([h["loss"] for h in history[-25:]])}

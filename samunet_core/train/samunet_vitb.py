@@ -280,10 +280,6 @@ def export(model: Any, out: str | Path, metadata: dict[str, Any]) -> str:
     return sha256_of_file(out)
 
 
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
-
-
 # Options of `samunet train` that belong to the cached-embedding families only.
 _NOT_FOR_VITB = (("trainable", "--trainable"), ("init", "--init"), ("multimask_first_click", "--multimask-first-click"),
                  ("encode_only", "--encode-only"), ("write_val_manifest", "--write-val-manifest"))
@@ -295,7 +291,7 @@ def run_cli(args: Any) -> int:
 
     from samunet_core.cli_train import _records, data_summary, git_commit, write_card
     from samunet_core.predictor import resolve_device
-    from samunet_core.train.loop import TrainConfig
+    from samunet_core.train.loop import TrainConfig, loss_summary, resume_or_run
 
     if args.model not in MODELS:
         raise InputError(f"--sam-vit-b initialises the paper's SAM-UNet only (--model {' or '.join(MODELS)}), not "
@@ -337,21 +333,12 @@ def run_cli(args: Any) -> int:
                                "trainable": sum(p.numel() for p in params if p.requires_grad),
                                "frozen": "image_encoder (SAM ViT-B)"}}
     trainer = VitBTrainer(model, items, config, run_dir=args.run_dir, device=device, metadata=metadata)
-    if not args.restart and trainer.resume():
-        print(f"resumed {trainer.checkpoint_path} at step {trainer.step}")
-    elif args.export_only:
-        raise InputError(f"--export-only needs a checkpoint in {args.run_dir}")
-    if args.export_only:
-        history = trainer.history
-    else:
-        stop = None if args.time_limit_min is None else 60 * args.time_limit_min
-        history = trainer.run(progress=not args.no_progress, stop_after_s=stop)
+    history = resume_or_run(trainer, args)
     run_info = {"steps_done": trainer.step, "config": dataclasses.asdict(config),
                 "prompt_schedule": prompt_schedule(config), "train_seconds": round(trainer.train_seconds, 1),
                 "prepare_seconds_this_run": round(prepare_s, 1),
                 "seconds_per_step": round(trainer.train_seconds / max(len(history), 1), 3),
-                "loss_first_25": _mean([h["loss"] for h in history[:25]]),
-                "loss_last_25": _mean([h["loss"] for h in history[-25:]])}
+                **loss_summary(history)}
     out = Path(args.out) if args.out else Path(args.run_dir) / f"{args.model}.pth"
     digest = export(trainer.model.cpu(), out, {**metadata, "run": run_info})
     card = {"file": out.name, "sha256": digest, "bytes": out.stat().st_size, "format": "{'model': state_dict} fp32",
