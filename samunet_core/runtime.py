@@ -349,6 +349,8 @@ class _ExportedEncoder:
         """Bx3x256x256 float tensor (CPU) -> {name: BxCxhxw float32 tensor}."""
         import torch
 
+        if should_abort is not None and should_abort():
+            raise EncodeAborted()  # pre-empted before it started: start nothing
         array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         produced = self._run(array, should_abort)
         return {name: torch.from_numpy(np.ascontiguousarray(out)) for name, out in zip(self.outputs, produced,
@@ -443,11 +445,12 @@ class ONNXRuntimeEncoder(_ExportedEncoder):
         aborted = threading.Event()
 
         def watch() -> None:
-            while not done.wait(0.005):
+            while not done.is_set():  # checks at once, then every 5 ms: a short run is still cancellable
                 if should_abort():
                     aborted.set()
                     run_options.terminate = True
                     return
+                done.wait(0.005)
 
         watcher = threading.Thread(target=watch, daemon=True) if should_abort is not None else None
         if watcher is not None:

@@ -164,9 +164,18 @@ def test_an_exported_encode_is_cancelled_when_pre_empted(default_openvino, ct_sl
 def test_onnxruntime_encode_is_cancelled_when_pre_empted(tmp_path):
     encoder = runtimes.make_encoder("onnxruntime", model_name="tiny", graph=_tiny_graph(), outputs=("a", "b"),
                                     export_root=tmp_path)
-    big = torch.rand(64, 3, 256, 256)
-    with pytest.raises(EncodeAborted):
+    big = torch.rand(256, 3, 256, 256)
+    with pytest.raises(EncodeAborted):  # already pre-empted: nothing starts
         encoder(big, should_abort=lambda: True)
+    calls = []
+
+    def abort_once_running() -> bool:  # False for the check before the run, True once the run is under way
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(EncodeAborted):  # pre-empted while running: ONNX Runtime's terminate flag stops it
+        encoder(big, should_abort=abort_once_running)
+    assert len(calls) == 2
     assert encoder(big[:1])["a"].shape == (1, 4, 64, 64)
 
 
