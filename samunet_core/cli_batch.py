@@ -1,184 +1,140 @@
-"""`samunet batch INPUTS... --output-dir DIR`: segment many volumes, resumably.
+"""`samunet batch INPUTS... --output-dir DIR` or `samunet batch --jobs FILE`: segment many volumes, resumably.
 
 Inputs are volume files, DICOM series folders, or folders holding either (searched one level deep). Prompts: one
 file for all (`--prompts P.json`), or one per volume: `<stem>.prompts.json` in `--prompts-dir`, else beside the
-volume (for a DICOM folder: `<folder name>.prompts.json` beside or inside it). Outputs are `DIR/<stem><--format>`;
-an existing output is skipped (a rerun resumes) unless `--force`. A volume that fails is reported and the batch goes
-on; the summary at the end lists every failure and the exit status is 1 if any volume failed. Embeddings persist in
-the disk cache, so a rerun encodes nothing it has seen.
+volume (for a DICOM folder: `<folder name>.prompts.json` beside or inside it). Outputs are `DIR/<stem><--format>`.
+A job file (`--jobs jobs.csv|jobs.json`) names volume, prompts and output (and optionally overlay) per row instead.
+An existing output is skipped (a rerun resumes) unless `--force`. A volume that fails is reported and the batch goes
+on; the summary at the end lists every failure and the exit status is 1 if any volume failed (130 after Ctrl-C).
+Embeddings persist in the disk cache, so a rerun encodes nothing it has seen.
+
+`--cluster local:N | dask:ADDRESS` runs one task per volume on Dask workers that keep the model loaded
+(samunet_core/cluster.py); every volume goes through the same `batch.run_batch_job` as here.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from samunet_core.batch import (
+    BatchJob,
+    Outcome,
+    check_outputs_distinct,
+    is_finished,
+    plan_from_inputs,
+    read_job_file,
+    run_batch_job,
+    summarise,
+)
 from samunet_core.cli_segment import add_model_arguments, build_cache, load_model, window_args
-from samunet_core.errors import InputError, SamunetError
-
-PROMPTS_SUFFIX = ".prompts.json"
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg")
+from samunet_core.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="volume files, DICOM series folders, or folders of either")
-    parser.add_argument("--output-dir", required=True, help="folder for the outputs (created if missing)")
+    parser.add_argument("inputs", nargs="*", help="volume files, DICOM series folders, or folders of either")
+    parser.add_argument("--jobs", default=None, metavar="FILE",
+                        help="a job file instead of INPUTS: CSV with the columns volume,prompts,output[,overlay] or "
+                             "JSON [{\"volume\": ..., \"prompts\": ..., \"output\": ...}]; relative paths are relative "
+                             "to the job file (outputs to --output-dir when given)")
+    parser.add_argument("--output-dir", default=None, help="folder for the outputs (created if missing)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", default=None,
                         help="one prompt file for every volume (JSON; format in docs/formats.md)")
     source.add_argument("--prompts-dir", default=None,
-                        help=f"folder of per-volume prompt files named <volume-stem>{PROMPTS_SUFFIX} (default: "
-                             "beside each volume)")
+                        help="folder of per-volume prompt files named <volume-stem>.prompts.json (default: beside "
+                             "each volume)")
     parser.add_argument("--format", default=".seg.nrrd", choices=(".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm"),
                         help="output format (default .seg.nrrd)")
     parser.add_argument("--overlays", action="store_true", help="also write DIR/<stem>_overlay.png")
     parser.add_argument("--force", action="store_true", help="redo volumes whose output already exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from samunet_core.cluster import CLUSTER_HELP
+
+    parser.add_argument("--cluster", default=None, metavar="SPEC", help=CLUSTER_HELP)
+    parser.add_argument("--worker-threads", type=int, default=None, metavar="T",
+                        help="model threads per cluster worker (default: local:N shares this computer's cores out "
+                             "between the N workers; dask:ADDRESS uses each worker's default)")
     add_model_arguments(parser)
 
 
-def stem(path: Path) -> str:
-    """Volume name without its (double) extension: CT1.nii.gz -> CT1; a DICOM folder keeps its name."""
-    name = path.name
-    for suffix in _VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_volume_file(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and name.endswith(_VOLUME_SUFFIXES) and not name.endswith(PROMPTS_SUFFIX)
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    for child in path.iterdir():
-        if child.is_file() and (child.suffix.lower() == ".dcm" or _has_dicm_magic(child)):
-            return True
-    return False
-
-
-def _has_dicm_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def find_volumes(inputs: list[str]) -> list[Path]:
-    """Expand the inputs into volume files and DICOM series folders (sorted within each folder, duplicates
-    dropped). InputError for an input that does not exist or a folder with nothing to segment."""
-    found: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise InputError(f"input {path} does not exist; check the path")
-        if path.is_file() or _is_dicom_folder(path):
-            found.append(path)
-            continue
-        children = sorted(path.iterdir())
-        inside = [c for c in children if _is_volume_file(c) or _is_dicom_folder(c)]
-        if not inside:
-            raise InputError(f"folder {path} holds no volume files or DICOM series to segment")
-        found += inside
-    unique: list[Path] = []
-    for path in found:
-        if path.resolve() not in {p.resolve() for p in unique}:
-            unique.append(path)
-    return unique
-
-
-def prompts_for(volume: Path, args: argparse.Namespace) -> Path:
-    """The prompt file of one volume (see the module doc); InputError naming where it was looked for."""
-    if args.prompts:
-        return Path(args.prompts)
-    name = stem(volume) + PROMPTS_SUFFIX
-    candidates = [Path(args.prompts_dir) / name] if args.prompts_dir else [volume.parent / name]
-    if volume.is_dir() and not args.prompts_dir:
-        candidates.append(volume / name)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"no prompt file for {volume}: looked for {', '.join(str(c) for c in candidates)}; give "
-                     "--prompts for all volumes or write one per volume")
-
-
-@dataclass
-class Outcome:
-    volume: Path
-    status: str  # "done", "skipped", "failed"
-    message: str = ""
-    seconds: float = 0.0
+def plan(args: argparse.Namespace) -> list[BatchJob]:
+    """The jobs the arguments name (InputError for a bad combination or path); output folders created."""
+    if args.jobs and args.inputs:
+        raise InputError("give either volumes/folders or --jobs FILE, not both")
+    if args.jobs:
+        if args.prompts or args.prompts_dir or args.overlays:
+            raise InputError("--jobs FILE names each job's prompt file (and overlay); drop --prompts, --prompts-dir "
+                             "and --overlays")
+        jobs = read_job_file(args.jobs, args.output_dir)
+    elif not args.inputs:
+        raise InputError("nothing to segment: give volumes or folders (with --output-dir), or --jobs FILE")
+    elif not args.output_dir:
+        raise InputError("give --output-dir DIR: the folder the outputs go to")
+    else:
+        jobs = plan_from_inputs(args.inputs, args.output_dir, args.format, prompts=args.prompts,
+                                prompts_dir=args.prompts_dir, overlays=args.overlays)
+    check_outputs_distinct(jobs)
+    for folder in sorted({Path(p).parent for job in jobs for p in (job.output, job.overlay) if p}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the output folder {folder} ({exc.strerror}); choose another") from exc
+    return jobs
 
 
 def run(args: argparse.Namespace) -> int:
+    windowing = window_args(args)
+    if args.cluster:
+        from samunet_core.cluster import parse_cluster
+
+        parse_cluster(args.cluster)  # a bad spec is an error before anything else
+    jobs = plan(args)
+    skipped = {job.volume: Outcome(job.volume, "skipped", f"{job.output} exists (use --force to redo)")
+               for job in jobs if not args.force and is_finished(job)}
+    todo = [job for job in jobs if job.volume not in skipped]
+    where = str(Path(args.output_dir).resolve()) if args.output_dir else "the paths the job file names"
+    if args.cluster:
+        done, interrupted = _run_on_cluster(todo, args, windowing)
+    else:
+        done, interrupted = _run_here(todo, args, windowing)
+    by_volume = {**skipped, **{o.volume: o for o in done}}
+    return summarise([by_volume[job.volume] for job in jobs if job.volume in by_volume], where, interrupted)
+
+
+def _run_here(todo: list[BatchJob], args: argparse.Namespace, windowing: dict) -> tuple[list[Outcome], bool]:
     from tqdm import tqdm
 
-    from samunet_core.segment import prepare_job, run_job
-
-    windowing = window_args(args)
-    volumes = find_volumes(args.inputs)
-    if args.prompts and not Path(args.prompts).is_file():
-        raise InputError(f"prompt file {args.prompts} does not exist; check the path")
-    if args.prompts_dir and not Path(args.prompts_dir).is_dir():
-        raise InputError(f"--prompts-dir {args.prompts_dir} is not a folder")
-    out_dir = Path(args.output_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create the output folder {out_dir} ({exc.strerror}); choose another") from exc
-    stems = [stem(v) for v in volumes]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise InputError(f"several inputs share the name(s) {', '.join(clashes)} and would write the same output; "
-                         "segment them in separate batches")
-    todo = [v for v in volumes if args.force or not (out_dir / f"{stem(v)}{args.format}").exists()]
+    if args.worker_threads is not None:
+        raise InputError("--worker-threads is for --cluster; without it the batch uses this computer's threads")
     # A wrong model or checkpoint would fail every volume: it is an error of the whole batch (exit 2).
     predictor = load_model(args) if todo else None
     cache = build_cache(args.cache_dir)
     outcomes: list[Outcome] = []
-    with tqdm(volumes, desc="batch", unit="volume", disable=args.no_progress) as bar:
-        for volume in bar:
-            bar.set_postfix_str(volume.name)
-            output = out_dir / f"{stem(volume)}{args.format}"
-            overlay = out_dir / f"{stem(volume)}_overlay.png" if args.overlays else None
-            if output.exists() and not args.force:
-                outcomes.append(Outcome(volume, "skipped", f"{output} exists (use --force to redo)"))
-                continue
-            t0 = time.perf_counter()
-            try:
-                job = prepare_job(volume, prompts_for(volume, args), output, overlay)
-                result = run_job(job, predictor, cache=cache, **windowing)
-                outcomes.append(Outcome(volume, "done", ", ".join(str(p) for p in result.outputs),
-                                        time.perf_counter() - t0))
-            except SamunetError as exc:
-                outcomes.append(Outcome(volume, "failed", str(exc), time.perf_counter() - t0))
-                tqdm.write(f"samunet batch: {volume}: failed: {exc}")
-            except Exception as exc:  # noqa: BLE001 - one broken volume must not end the batch; reported below
-                outcomes.append(Outcome(volume, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
-                tqdm.write(f"samunet batch: {volume}: failed: {type(exc).__name__}: {exc}")
-    return summarise(outcomes, out_dir)
+    try:
+        with tqdm(todo, desc="batch", unit="volume", disable=args.no_progress) as bar:
+            for job in bar:
+                bar.set_postfix_str(job.name)
+                outcome = run_batch_job(job, predictor, cache=cache, **windowing)
+                if outcome.status == "failed":
+                    tqdm.write(f"samunet batch: {job.volume}: failed: {outcome.message}")
+                outcomes.append(outcome)
+    except KeyboardInterrupt:
+        return outcomes, True
+    return outcomes, False
 
 
-def summarise(outcomes: list[Outcome], out_dir: Path) -> int:
-    """Print the end-of-batch summary; 1 if any volume failed, else 0."""
-    done = [o for o in outcomes if o.status == "done"]
-    skipped = [o for o in outcomes if o.status == "skipped"]
-    failed = [o for o in outcomes if o.status == "failed"]
-    seconds = sum(o.seconds for o in done)
-    per = f", {seconds / len(done):.1f} s per volume" if done else ""
-    print(f"batch: {len(done)} segmented, {len(skipped)} skipped (already done), {len(failed)} failed{per}")
-    for o in done:
-        print(f"  done    {o.volume} -> {o.message}")
-    for o in skipped:
-        print(f"  skipped {o.volume}: {o.message}")
-    for o in failed:
-        print(f"  FAILED  {o.volume}: {o.message}")
-    print(f"outputs are in {out_dir.resolve()}")
-    return 1 if failed else 0
+def _run_on_cluster(todo: list[BatchJob], args: argparse.Namespace, windowing: dict) -> tuple[list[Outcome], bool]:
+    from samunet_core import __version__
+    from samunet_core.cluster import ModelConfig, parse_cluster, run_batch_on_cluster
+
+    spec = parse_cluster(args.cluster)
+    if args.server:
+        raise InputError("--cluster and --server both say where to compute; give one")
+    if args.worker_threads is not None and args.worker_threads < 1:
+        raise InputError("--worker-threads must be 1 or more")
+    if not todo:
+        return [], False
+    config = ModelConfig(args.model, args.checkpoint, args.device, args.runtime, args.cache_dir, windowing["window"],
+                         windowing["preset"], args.worker_threads, __version__)
+    return run_batch_on_cluster(todo, spec, config, progress=not args.no_progress)

@@ -13,7 +13,7 @@ import slicerio
 from PIL import Image
 
 from samunet_core.errors import InputError
-from samunet_core.io.atomic import atomic_path
+from samunet_core.io.atomic import atomic_path, partial_files
 from samunet_core.io.dicom_seg import read_dicom_seg, write_dicom_seg
 from samunet_core.io.segmentations import (
     Segment,
@@ -245,6 +245,18 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_partial_files_are_found_for_their_own_output_only(tmp_path):
+    """What a writer killed mid-write leaves is what a running writer has: its temporary file. Another output whose
+    name starts the same (a.b beside a) is not mistaken for it."""
+    target, other = tmp_path / "a.seg.nrrd", tmp_path / "a.b.seg.nrrd"
+    with atomic_path(target) as tmp, atomic_path(other) as other_tmp:
+        tmp.write_text("half written")
+        other_tmp.write_text("the other writer, still running")
+        assert partial_files(target) == [tmp]
+        assert partial_files(other) == [other_tmp]
+    assert partial_files(target) == [] and target.read_text() == "half written"
 
 
 def test_writer_failure_keeps_old_file(tmp_path, ct_sm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from samunet_core.errors import InputError
 
+_TOKEN_BYTES = 4  # the random part of a temporary file's name: 8 hex digits
 _MULTI_SUFFIXES = (".seg.nrrd", ".nii.gz", ".seg.nii.gz")
 
 
@@ -35,13 +37,27 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def _partial_name(final: Path, token: str) -> str:
+    suffix = full_suffix(final)
+    return f".{final.name[: len(final.name) - len(suffix)]}.{token}.partial{suffix}"
+
+
+def partial_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of unfinished writes of `path` (left only by a process killed while writing)."""
+    final = Path(path)
+    if not final.parent.is_dir():
+        return []
+    head, tail = _partial_name(final, "\0").split("\0")
+    pattern = glob.escape(head) + "?" * 2 * _TOKEN_BYTES + glob.escape(tail)
+    return sorted(p for p in final.parent.glob(pattern) if p.is_file())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same suffix); on success it replaces `path`, on ANY exception
     (KeyboardInterrupt included) it is removed and `path` is left as it was."""
     final = check_writable(path)
-    suffix = full_suffix(final)
-    tmp = final.parent / f".{final.name[: len(final.name) - len(suffix)]}.{secrets.token_hex(4)}.partial{suffix}"
+    tmp = final.parent / _partial_name(final, secrets.token_hex(_TOKEN_BYTES))
     try:
         yield tmp
         if not tmp.exists():
