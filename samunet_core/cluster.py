@@ -7,7 +7,8 @@ from any of them. Ray needs its own daemons (GCS, raylet) and a 70 MB wheel for 
 
 Spec: `local:N` starts N worker processes on this computer (one task at a time each, the CPU cores shared out between
 them), `dask:ADDRESS` joins a running scheduler (`dask scheduler` + `dask worker ADDRESS --nthreads 1` on each node),
-`dask` alone reads the address from $DASK_SCHEDULER_ADDRESS.
+`dask:FILE.json` reads it from the scheduler file `dask scheduler --scheduler-file` wrote (shared filesystems, Slurm),
+`dask` alone from $DASK_SCHEDULER_ADDRESS.
 
 Each worker gets the `WorkerModel` plugin: it loads the model when the worker starts (also a worker that replaces a dead
 one) and runs every volume given to it through samunet_core.batch.run_batch_job, the serial batch's own function, so
@@ -34,7 +35,8 @@ PLUGIN_NAME = "samunet-model"
 EVENT_TOPIC = "samunet-batch"
 ALLOWED_WORKER_DEATHS = 1  # a volume whose worker died is retried once, then reported
 CLUSTER_HELP = ("run the volumes on a Dask cluster: local:N (N worker processes here), dask:ADDRESS (a running "
-                "scheduler, e.g. dask:tcp://10.0.0.5:8786) or dask ($DASK_SCHEDULER_ADDRESS)")
+                "scheduler, e.g. dask:tcp://10.0.0.5:8786), dask:FILE.json (its scheduler file) or dask "
+                "($DASK_SCHEDULER_ADDRESS); docs/cluster.md")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ def parse_cluster(text: str) -> ClusterSpec:
         return ClusterSpec("local", workers=int(rest))
     if kind == "dask":
         address = rest.strip() or os.environ.get("DASK_SCHEDULER_ADDRESS", "")
+        if address.endswith(".json"):
+            address = os.path.expanduser(address)  # `dask:~/dask-scheduler.json`: no shell expands a ~ after a colon
+            if not os.path.isfile(address):
+                raise InputError(f"scheduler file {address} does not exist; start `dask scheduler --scheduler-file "
+                                 f"{address}` first (docs/cluster.md)")
         if not address:
             raise InputError("--cluster dask: give the scheduler's address (dask:tcp://HOST:8786) or set "
                              "DASK_SCHEDULER_ADDRESS")
@@ -205,6 +212,8 @@ def open_client(spec: ClusterSpec, threads: int | None) -> tuple[Any, Any, int |
 
     if spec.kind == "dask":
         try:
+            if spec.address.endswith(".json"):  # a scheduler file, as `dask scheduler --scheduler-file F` writes
+                return Client(scheduler_file=spec.address, timeout="20s"), None, threads
             return Client(spec.address, timeout="20s"), None, threads
         except OSError as exc:
             raise InputError(f"cannot reach the Dask scheduler at {spec.address} ({exc}); check the address and that "
@@ -297,10 +306,9 @@ def run_batch_on_cluster(jobs: Sequence[BatchJob], spec: ClusterSpec, config: Mo
     try:
         config = replace(config, threads=threads)
         workers = start_workers(client, config)
-        if progress:
-            loads = ", ".join(f"{w['load_s']:.1f} s" for w in workers)
-            print(f"batch: {len(workers)} worker(s) ready ({workers[0]['model']}, {workers[0]['runtime']}, "
-                  f"{threads or 'default'} thread(s) each; model load {loads})")
+        loads = ", ".join(f"{w['load_s']:.1f} s" for w in workers)
+        print(f"batch: {len(workers)} worker(s) ready ({workers[0]['model']}, {workers[0]['runtime']}, "
+              f"{threads or 'default'} thread(s) each; model load {loads})")
         return run_jobs(client, jobs, progress=progress)
     finally:
         client.close()

@@ -157,11 +157,49 @@ def test_ctrl_c_stops_the_cluster_batch_cleanly_and_a_rerun_resumes(cohort, seri
     assert_same_as_serial(out, serial, slab_outputs())
 
 
+def test_a_running_dask_cluster_from_its_scheduler_file(cohort, serial, tmp_path, capsys):
+    """docs/cluster.md's multi-node recipe on one computer: `dask scheduler --scheduler-file F`, `dask worker
+    --scheduler-file F --nworkers 2 --nthreads 1`, then `samunet batch --cluster dask:F` (over loopback)."""
+    scheduler_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "dask"]
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1",
+           "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+    scheduler = subprocess.Popen([*dask, "scheduler", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+                                  "--port", "0", "--no-dashboard"], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.is_file():
+            assert scheduler.poll() is None and time.monotonic() < deadline, "the Dask scheduler did not start"
+            time.sleep(0.1)
+        workers = subprocess.Popen([*dask, "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "2",
+                                    "--nthreads", "1", "--no-dashboard"], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        from distributed import Client
+
+        with Client(scheduler_file=str(scheduler_file), timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+        out = tmp_path / "out"
+        code = main(["batch", str(cohort), "--output-dir", str(out), "--cluster", f"dask:{scheduler_file}", *COMMON])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        assert "batch: 2 worker(s) ready" in printed and f"{N_SLABS} segmented" in printed
+        assert_same_as_serial(out, serial, slab_outputs())
+    finally:
+        for process in (workers, scheduler):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+
+
 def test_job_files_and_cluster_specs_are_checked(tmp_path, capsys):
     from samunet_core.cluster import parse_cluster
 
     assert parse_cluster("local:3").workers == 3
     assert parse_cluster("dask:tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert main(["batch", str(tmp_path), "--cluster", "dask:~/no-such-scheduler.json"]) == 2
+    assert "no-such-scheduler.json does not exist; start `dask scheduler" in capsys.readouterr().err
     for bad, says in (("local:0", "number of workers"), ("ray", "runs on Dask"), ("slurm:4", "local:N")):
         with pytest.raises(InputError, match=says):
             parse_cluster(bad)

@@ -40,7 +40,7 @@ def test_every_fenced_block_is_a_checked_example():
     text = DOC.read_text(encoding="utf-8")
     fences = re.findall(r"^```(\w*)$", text, re.M)
     assert len(fences) == 2 * len(examples()), "every fenced block of docs/formats.md needs an <!-- example: --> mark"
-    assert set(examples()) == {"prompt-ras", "prompt-pixel", "prompt-edit", "manifest", "results-csv",
+    assert set(examples()) == {"prompt-ras", "prompt-pixel", "prompt-edit", "job-file", "manifest", "results-csv",
                                "summary-json", "bench-json"}
     for lang, body in examples().values():
         if lang == "json":
@@ -186,6 +186,24 @@ def write_manifest_files(root: Path, manifest: dict) -> Path:
     path = root / "manifest.json"
     path.write_text(json.dumps(manifest), encoding="utf-8")
     return path
+
+
+def test_job_file_example_reads_as_the_batch_reads_it(tmp_path):
+    import shutil
+
+    from samunet_core.batch import JOB_FILE_COLUMNS, read_job_file
+
+    lang, body = examples()["job-file"]
+    assert lang == "csv" and body.splitlines()[0].split(",")[:3] == list(JOB_FILE_COLUMNS)
+    shutil.copy(CT, tmp_path / "CTChest4.nrrd")
+    (tmp_path / "jobs.csv").write_text(body)
+    first, second = read_job_file(tmp_path / "jobs.csv")
+    assert first.volume == str(tmp_path / "CTChest4.nrrd") and first.prompts == str(tmp_path / "ctchest_prompts.json")
+    assert first.output == str(tmp_path / "out/CTChest4.seg.nrrd") and first.overlay is None
+    assert second.overlay == str(tmp_path / "out/CTChest4_again.png")
+    assert read_job_file(tmp_path / "jobs.csv", "/data/out")[0].output == "/data/out/out/CTChest4.seg.nrrd"
+    for column in JOB_FILE_COLUMNS:
+        assert f"| `{column}` | yes |" in DOC.read_text(encoding="utf-8")
 
 
 def test_manifest_doc_names_every_key_and_modality():

@@ -92,3 +92,21 @@ def test_models_sharing_an_encoder_share_embeddings_but_not_decoder_state(liteme
     assert np.allclose(tuned, fresh, atol=1e-4)  # same answer as with its own embedding
     assert not np.allclose(tuned, base_first, atol=1e-3)  # and not the base decoder's answer
     assert np.array_equal(litemedsam.predict(emb, boxes=box).logits, base_first)
+
+
+def test_decoder_state_is_kept_for_the_last_slices_only(litemedsam, embeddings):
+    """The per-slice decoder state (twice an embedding's size) is not counted by the embedding cache, so it is kept
+    for the last SIDE_CACHE_SLICES slices decoded only; an evicted slice rebuilds it and decodes the same."""
+    from samunet_core import predictor as predictor_module
+
+    limit = predictor_module.SIDE_CACHE_SLICES
+    box = np.array([[289, 203, 315, 229]])
+    slices = [embeddings["amos_0004_75"].converted() for _ in range(limit + 4)]  # distinct objects, same content
+    first = litemedsam.predict(slices[0], boxes=box).logits
+    for emb in slices[1:]:
+        litemedsam.predict(emb, boxes=box)
+    holding = [bool(emb.scratch) for emb in slices]
+    assert holding == [False] * 4 + [True] * limit
+    assert predictor_module._SIDE_CACHE_HOLDERS.holding() <= limit
+    assert np.array_equal(litemedsam.predict(slices[0], boxes=box).logits, first)
+    assert slices[0].scratch and not slices[4].scratch  # used again: it holds it, the oldest other gave it up

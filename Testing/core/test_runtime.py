@@ -154,6 +154,11 @@ def test_export_key_covers_weights_runtime_version_and_code(tmp_path):
     assert len(folders) == 5
 
 
+def test_openvino_does_not_pin_threads_to_cores(default_openvino):
+    """Pinned, two encoders in two processes (two batch workers) shared one core: half speed each."""
+    assert default_openvino.encoder._compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
 def test_an_exported_encode_is_cancelled_when_pre_empted(default_openvino, ct_slice):
     x = torch.from_numpy(default_openvino.prepare(ct_slice)[0]).permute(2, 0, 1)[None]
     with pytest.raises(EncodeAborted):
