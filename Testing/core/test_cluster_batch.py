@@ -1,6 +1,7 @@
 """`samunet batch --cluster local:2` on a real two-worker Dask cluster over real CT volumes: outputs equal to the serial
 batch voxel for voxel, a failing volume reported while the others finish, a worker killed mid-volume (its volume
-retried once, then reported), Ctrl-C stopping cleanly and a rerun resuming, jobs from a job file."""
+retried once, then reported), Ctrl-C stopping cleanly and a rerun resuming (serial batch too), jobs from a job file,
+and a running `dask scheduler` + `dask worker` cluster joined through its scheduler file."""
 
 from __future__ import annotations
 
@@ -132,10 +133,11 @@ def test_a_killed_worker_is_retried_once_then_the_volume_is_reported(cohort, ser
     assert_same_as_serial(out, serial, ["slab0.seg.nrrd", "slab2.seg.nrrd"])
 
 
-def test_ctrl_c_stops_the_cluster_batch_cleanly_and_a_rerun_resumes(cohort, serial, tmp_path, capsys):
+@pytest.mark.parametrize("where", [[], ["--cluster", "local:2"]], ids=["serial", "cluster"])
+def test_ctrl_c_stops_the_batch_cleanly_and_a_rerun_resumes(cohort, serial, tmp_path, capsys, where):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "samunet_core.cli", "batch", str(cohort), "--output-dir", str(out),
-               "--cluster", "local:2", *COMMON]
+    command = [sys.executable, "-m", "samunet_core.cli", "batch", str(cohort), "--output-dir", str(out), *where,
+               *COMMON]
     # Like a terminal's Ctrl-C: SIGINT to the whole process group (the client and its local workers).
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -151,7 +153,7 @@ def test_ctrl_c_stops_the_cluster_batch_cleanly_and_a_rerun_resumes(cohort, seri
     assert no_partials(out) and 1 <= len(finished) < N_SLABS, finished
     assert_same_as_serial(out, serial, finished)
 
-    assert main(["batch", str(cohort), "--output-dir", str(out), "--cluster", "local:2", *COMMON]) == 0
+    assert main(["batch", str(cohort), "--output-dir", str(out), *where, *COMMON]) == 0
     resumed = capsys.readouterr().out
     assert f"{N_SLABS - len(finished)} segmented, {len(finished)} skipped (already done), 0 failed" in resumed
     assert_same_as_serial(out, serial, slab_outputs())
