@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from samunet_core.batch import (
     BatchJob,
@@ -85,17 +86,18 @@ def plan(args: argparse.Namespace) -> list[BatchJob]:
 
 def run(args: argparse.Namespace) -> int:
     windowing = window_args(args)
+    spec = None
     if args.cluster:
         from samunet_core.cluster import parse_cluster
 
-        parse_cluster(args.cluster)  # a bad spec is an error before anything else
+        spec = parse_cluster(args.cluster)  # a bad spec is an error before anything else
     jobs = plan(args)
     skipped = {job.volume: Outcome(job.volume, "skipped", f"{job.output} exists (use --force to redo)")
                for job in jobs if not args.force and is_finished(job)}
     todo = [job for job in jobs if job.volume not in skipped]
     where = str(Path(args.output_dir).resolve()) if args.output_dir else "the paths the job file names"
-    if args.cluster:
-        done, interrupted = _run_on_cluster(todo, args, windowing)
+    if spec is not None:
+        done, interrupted = _run_on_cluster(todo, spec, args, windowing)
     else:
         done, interrupted = _run_here(todo, args, windowing)
     by_volume = {**skipped, **{o.volume: o for o in done}}
@@ -124,11 +126,11 @@ def _run_here(todo: list[BatchJob], args: argparse.Namespace, windowing: dict) -
     return outcomes, False
 
 
-def _run_on_cluster(todo: list[BatchJob], args: argparse.Namespace, windowing: dict) -> tuple[list[Outcome], bool]:
+def _run_on_cluster(todo: list[BatchJob], spec: Any, args: argparse.Namespace, windowing: dict
+                    ) -> tuple[list[Outcome], bool]:
     from samunet_core import __version__
-    from samunet_core.cluster import ModelConfig, parse_cluster, run_batch_on_cluster
+    from samunet_core.cluster import ModelConfig, run_batch_on_cluster
 
-    spec = parse_cluster(args.cluster)
     if args.server:
         raise InputError("--cluster and --server both say where to compute; give one")
     if args.worker_threads is not None and args.worker_threads < 1:

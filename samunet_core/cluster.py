@@ -10,12 +10,13 @@ them), `dask:ADDRESS` joins a running scheduler (`dask scheduler` + `dask worker
 `dask:FILE.json` reads it from the scheduler file `dask scheduler --scheduler-file` wrote (shared filesystems, Slurm),
 `dask` alone from $DASK_SCHEDULER_ADDRESS.
 
-Each worker gets the `WorkerModel` plugin: it loads the model when the worker starts (also a worker that replaces a dead
-one) and runs every volume given to it through samunet_core.batch.run_batch_job, the serial batch's own function, so
-outputs are the same as the serial batch's. Outputs are written atomically; a worker that dies mid-volume leaves at
-most a hidden temporary file, removed when the volume is retried or reported. The scheduler retries a task whose
-worker died once (`distributed.scheduler.allowed-failures` = 1 on a local cluster; a running scheduler keeps its own
-setting) and then reports it.
+Each worker gets the `WorkerModel` plugin (samunet_core/cluster_worker.py, the worker side): it loads the model when
+the worker starts (also a worker that replaces a dead one) and runs every volume given to it through
+samunet_core.batch.run_batch_job, the serial batch's own function, so outputs are the same as the serial batch's.
+Outputs are written atomically; a worker that dies mid-volume leaves at most a hidden temporary file, removed when the
+volume is retried or reported. The scheduler retries a task whose worker died once
+(`distributed.scheduler.allowed-failures` = 1 on a local cluster; a running scheduler keeps its own setting) and then
+reports it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from samunet_core.batch import BatchJob, Outcome, is_finished, remove_partials, run_batch_job
+from samunet_core.batch import BatchJob, Outcome, is_finished, remove_partials
 from samunet_core.errors import InputError
 
 PLUGIN_NAME = "samunet-model"
@@ -96,91 +97,6 @@ class ModelConfig:
     engine_version: str
 
 
-def _load_worker_model(config: ModelConfig) -> tuple[Any, Any]:
-    """(predictor, embedding cache) as `samunet batch` builds them, in this worker process."""
-    import torch
-
-    from samunet_core import __version__
-    from samunet_core.cli_segment import build_cache
-    from samunet_core.predictor import load_predictor
-
-    if __version__ != config.engine_version:
-        raise InputError(f"this worker runs samunet-core {__version__} but the batch was started with "
-                         f"{config.engine_version}; install the same version on every worker")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    predictor = load_predictor(config.model, device=config.device, checkpoint=config.checkpoint,
-                               runtime=config.runtime)
-    return predictor, build_cache(config.cache_dir)
-
-
-try:  # Dask is imported here only when --cluster is used (cli_batch imports this module lazily)
-    from distributed.diagnostics.plugin import WorkerPlugin
-except ImportError:  # pragma: no cover - the dependency is declared; this names the fix if it was removed
-    WorkerPlugin = object  # type: ignore[misc,assignment]
-
-
-class WorkerModel(WorkerPlugin):
-    """Loads the model when its worker starts and runs jobs with it, one at a time (a worker started with
-    --nthreads above 1 still runs one volume at a time: the model's threads are the parallelism)."""
-
-    name = PLUGIN_NAME
-
-    def __init__(self, config: ModelConfig) -> None:
-        self.config = config
-        self.error = ""
-        self.load_seconds = 0.0
-        self._predictor: Any = None
-        self._cache: Any = None
-
-    def setup(self, worker: Any) -> None:
-        self._lock = threading.Lock()  # made here, on the worker: the plugin travels pickled
-        _leave_ctrl_c_to_the_client()
-        t0 = time.perf_counter()
-        try:
-            self._predictor, self._cache = _load_worker_model(self.config)
-        except Exception as exc:  # noqa: BLE001 - reported to the client by `status`, which stops the batch
-            self.error = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-        self.load_seconds = time.perf_counter() - t0
-
-    def status(self) -> dict[str, Any]:
-        return {"error": self.error, "pid": os.getpid(), "load_s": round(self.load_seconds, 2),
-                "model": getattr(self._predictor, "model_id", ""), "runtime": getattr(self._predictor, "runtime", "")}
-
-    def run(self, job: BatchJob) -> Outcome:
-        if self.error:
-            return Outcome(job.volume, "failed", f"the worker could not load the model: {self.error}")
-        with self._lock:
-            return run_batch_job(job, self._predictor, cache=self._cache, window=self.config.window,
-                                 preset=self.config.preset)
-
-
-def _leave_ctrl_c_to_the_client() -> None:
-    """Ctrl-C in a terminal reaches every process of the group, local workers included; the client stops the job
-    and closes its workers, so a worker ignores it (instead of printing a traceback mid-volume)."""
-    import signal
-
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the worker's main thread: leave the default
-        pass
-
-
-def _worker_status(dask_worker: Any) -> dict[str, Any]:
-    plugin = dask_worker.plugins.get(PLUGIN_NAME)
-    return plugin.status() if plugin is not None else {"error": "the samunet model plugin is not installed"}
-
-
-def _run_on_worker(job: BatchJob, job_id: str) -> Outcome:
-    from distributed import get_worker
-
-    worker = get_worker()
-    worker.log_event(EVENT_TOPIC, {"event": "start", "job": job_id, "volume": job.volume, "pid": os.getpid(),
-                                   "worker": worker.address})
-    outcome = worker.plugins[PLUGIN_NAME].run(job)
-    return replace(outcome, worker=worker.address)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The client side
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,8 +146,10 @@ def open_client(spec: ClusterSpec, threads: int | None) -> tuple[Any, Any, int |
 
 def start_workers(client: Any, config: ModelConfig) -> list[dict[str, Any]]:
     """Install the model on every worker (and on workers that join later); InputError if any worker cannot load it."""
+    from samunet_core.cluster_worker import WorkerModel, worker_status
+
     client.register_plugin(WorkerModel(config), name=PLUGIN_NAME)
-    statuses = client.run(_worker_status)
+    statuses = client.run(worker_status)
     if not statuses:
         raise InputError("the Dask cluster has no workers; start some (`dask worker ADDRESS --nthreads 1`)")
     errors = {address: s["error"] for address, s in statuses.items() if s.get("error")}
@@ -250,10 +168,12 @@ def run_jobs(client: Any, jobs: Sequence[BatchJob], *, progress: bool = True,
     from distributed.client import FutureCancelledError
     from tqdm import tqdm
 
+    from samunet_core.cluster_worker import run_on_worker
+
     attempts = Attempts(listener)
     client.subscribe_topic(EVENT_TOPIC, attempts)
     ids = [f"samunet-batch-{index}-{os.getpid()}-{time.time_ns()}" for index in range(len(jobs))]
-    futures = [client.submit(_run_on_worker, job, job_id, key=job_id, pure=False, priority=len(jobs) - index)
+    futures = [client.submit(run_on_worker, job, job_id, key=job_id, pure=False, priority=len(jobs) - index)
                for index, (job, job_id) in enumerate(zip(jobs, ids, strict=True))]
     index_of = {future.key: index for index, future in enumerate(futures)}
     outcomes: list[Outcome | None] = [None] * len(jobs)

@@ -93,6 +93,18 @@ def click(scene, controller, view: str, ras, tool: str = "positive") -> None:
     place_point(controller.set_tool(tool), ras)
 
 
+def inside_point(plane: np.ndarray) -> tuple[int, int]:
+    """(row, col) inside a mask: the median row, and the median column of the mask on that row."""
+    rows, cols = np.nonzero(plane)
+    row = int(np.median(rows))
+    return row, int(np.median(cols[rows == row]))
+
+
+def largest_slice(frame, reference: np.ndarray) -> int:
+    """The displayed slice of `frame` where `reference` (KJI) has the most voxels."""
+    return int(np.argmax(frame.frame.volume_to_slices(reference).reshape(frame.n_slices, -1).sum(1)))
+
+
 @pytest.mark.parametrize("view, axis", [("Red", "axial"), ("Yellow", "sagittal"), ("Green", "coronal")])
 def test_a_click_is_decoded_on_the_slice_of_the_view_it_was_placed_in(scene, ct, controller, default_predictor,
                                                                          view, axis):
@@ -100,10 +112,8 @@ def test_a_click_is_decoded_on_the_slice_of_the_view_it_was_placed_in(scene, ct,
     controller.start(volume, segmentation, lung, window=LUNG)
     frame = controller.frame(axis)
     reference = reference_labels_kji() == 5
-    k = int(np.argmax(frame.frame.volume_to_slices(reference).reshape(frame.n_slices, -1).sum(1)))
-    plane = frame.slice_of(reference, k)
-    rows, cols = np.nonzero(plane)
-    row, col = int(np.median(rows)), int(np.median(cols[rows == int(np.median(rows))]))
+    k = largest_slice(frame, reference)
+    row, col = inside_point(frame.slice_of(reference, k))
     ras = frame.display_to_world([[k, row, col]])[0]
     click(scene, controller, view, ras)
     controller.wait()
@@ -378,8 +388,7 @@ def test_sam_unet_on_tinyvit_runs_in_the_module_as_the_engine_runs_it(scene, ct,
         controller.start(volume, segmentation, lung, window=LUNG)
         frame = controller.frame("axial")
         plane = frame.slice_of(reference_labels_kji() == 5, K)
-        rows, cols = np.nonzero(plane)
-        row, col = int(np.median(rows)), int(np.median(cols[rows == int(np.median(rows))]))
+        row, col = inside_point(plane)
         click(scene, controller, "Red", frame.display_to_world([[K, row, col]])[0])
         controller.wait()
         assert controller.errors == []
@@ -406,9 +415,8 @@ def test_computing_on_a_server_writes_what_this_computer_writes(scene, ct, defau
         remote.start(volume, segmentation, lung, window=LUNG)
         frame = remote.frame("axial")
         reference = reference_labels_kji() == 5
-        k = int(np.argmax(frame.frame.volume_to_slices(reference).reshape(frame.n_slices, -1).sum(1)))
-        rows, cols = np.nonzero(frame.slice_of(reference, k))
-        row, col = int(np.median(rows)), int(np.median(cols[rows == int(np.median(rows))]))
+        k = largest_slice(frame, reference)
+        row, col = inside_point(frame.slice_of(reference, k))
         click(scene, remote, "Red", frame.display_to_world([[k, row, col]])[0])
         remote.wait()
         assert remote.errors == []
