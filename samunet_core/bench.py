@@ -4,6 +4,7 @@ Measured on real CT slices, per device (CPU always; CUDA too when present and as
 - encoder_ms: one slice through `Predictor.encode` (p50/p95 over >= 20 runs after warm-up);
 - decoder_ms: one prompt through `Predictor.predict` without the mask upsampling (>= 100 prompts);
 - click_to_mask_ms: `VolumeSession.predict` on a cached slice: prompt in, full-size HxW mask array out;
+- correction_rewalk_ms: the engine's walk over 20 cached slices (what a correction that carries 20 slices costs);
 - volume_slices_per_s: a session precomputing a volume (`VolumeSession.precompute`, batched as its prefetch is);
 - the memory check: a session precomputing a 300-slice 512x512 CT (real slices stacked) with the default cache cap
   (it fills and evicts); peak RSS of the process must stay under 1.5 GiB.
@@ -25,6 +26,7 @@ from samunet_core.errors import InputError
 
 MEMORY_CHECK_SLICES = 300
 MEMORY_LIMIT_BYTES = int(1.5 * 1024**3)
+REWALK_SLICES = 20  # the neighbours a correction re-walks in the latency target (issue 22)
 CT_WINDOW = (-160.0, 240.0)
 
 
@@ -144,6 +146,9 @@ def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: i
             click_ms.append((time.perf_counter() - t) * 1e3)
             assert mask.shape == (h, w)
 
+    progress(f"{tag} correction re-walk: a walk over {REWALK_SLICES} cached slices, 5 runs")
+    rewalk_ms, rewalk_slices = _rewalk(predictor, image)
+
     result: dict[str, Any] = {
         "device": device, "device_name": _device_name(device), "threads": torch.get_num_threads(), "model": model,
         "runtime": predictor.runtime, "model_load_s": round(load_s, 2),
@@ -152,6 +157,7 @@ def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: i
         "slice_size": [h, w],
         "encoder_ms": percentiles(encoder_ms), "decoder_ms": percentiles(decoder_ms),
         "click_to_mask_ms": percentiles(click_ms),
+        "correction_rewalk_ms": percentiles(rewalk_ms), "correction_rewalk_slices": rewalk_slices,
         "cache_bytes_per_slice": {"fp32": fp32_bytes, "fp16": fp16_bytes},
     }
     result.update(_volume_and_memory(predictor, hu_slices, volume_slices, memory_slices, progress))
@@ -161,6 +167,32 @@ def bench_device(model: str, device: str, hu_slices: np.ndarray, encoder_runs: i
         result["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def _rewalk(predictor: Any, image: np.ndarray, runs: int = 5) -> tuple[list[float], int]:
+    """(ms per run, slices walked): the engine's walk (`interaction.SegmentState`, the policy every front end uses)
+    carrying a box through REWALK_SLICES cached copies of one real slice, which is the work of a correction that
+    re-walks that many neighbours: a decode, a chained box and the stopping rule per slice."""
+    from samunet_core.cache import EmbeddingCache, content_hash
+    from samunet_core.interaction import SegmentState
+    from samunet_core.prompts import SliceBox
+    from samunet_core.session import VolumeSession
+
+    n = REWALK_SLICES + 1
+    h, w = image.shape
+    stack = np.repeat(image[None], n, axis=0)
+    box = SliceBox(0, 0, 0.3 * w, 0.3 * h, 0.7 * w, 0.7 * h)
+    times, walked = [], 0
+    with VolumeSession(predictor, slices=lambda k: stack[k], n_slices=n, volume_key=content_hash(stack, CT_WINDOW),
+                       cache=EmbeddingCache(), prefetch_radius=0) as session:
+        session.precompute()
+        for _ in range(runs + 1):  # the first run warms up
+            state = SegmentState(session, n, (h, w), propagate=True)
+            t = time.perf_counter()
+            state.add_box(box)
+            times.append((time.perf_counter() - t) * 1e3)
+            walked = len(state.masks()) - 1
+    return times[1:], walked
 
 
 def _parity(predictor: Any, image: np.ndarray) -> dict[str, float]:

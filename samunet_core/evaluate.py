@@ -7,6 +7,8 @@ Protocols (DESIGN.md, shared/data/reference/README.md):
   spurious), all clicks so far given together with the previous logits as mask input.
 - propagate (3D cases only): a box on the axial slice where the label is largest, carried through the volume by
   `samunet_core.propagate`; scored with 3D Dice/NSD over the whole volume.
+- interactive3d (3D cases only): a start box (3D or 2D), then N clicks each at the centre of the largest 3D error
+  region, 3D Dice/NSD after every step (samunet_core/eval_interactive.py).
 Every protocol reaches the model through samunet_core.interaction, the prompt policy every front end uses.
 
 2D cases: each mask is a target. 3D cases: every (label, axial slice k) with at least 30 label voxels is a target; the
@@ -37,12 +39,14 @@ from samunet_core import metrics
 from samunet_core.errors import InputError
 from samunet_core.manifest import Case, Manifest, Window
 
-PROTOCOLS = ("box", "point1", "point3", "point5", "propagate")
+PROTOCOLS = ("box", "point1", "point3", "point5", "propagate", "interactive3d")
+VOLUME_PROTOCOLS = ("propagate", "interactive3d")  # one row per label of a 3d case; 2d cases are left out
 MIN_SLICE_VOXELS = 30
 NSD_TOLERANCE_PX_2D = 2.0
 NSD_TOLERANCE_MM_3D = 2.0
 CSV_COLUMNS = ("case_id", "modality", "kind", "target", "label", "k", "dice", "nsd", "iou_pred", "gt_pixels",
-               "pred_pixels", "n_components", "lcc_pixels", "prompt", "n_clicks", "dice_per_click", "window", "extra")
+               "pred_pixels", "n_components", "lcc_pixels", "prompt", "n_clicks", "dice_per_click", "window", "extra",
+               "nsd_per_step", "s_per_step", "dsc_auc", "prompt_file")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,11 +55,12 @@ CSV_COLUMNS = ("case_id", "modality", "kind", "target", "label", "k", "dice", "n
 @dataclass
 class Volume:
     """A 3D case as displayed axial slices: image KxHxW (native dtype), labels KxHxW int (LPS array[k]);
-    spacing (k, row, col) in mm."""
+    spacing (k, row, col) in mm; frame: the image's axial SliceFrame (slice <-> the file's own voxel grid)."""
 
     image: np.ndarray
     labels: np.ndarray
     spacing: tuple[float, float, float]
+    frame: Any = None
 
 
 def read_image_2d(path: Path, case_id: str) -> np.ndarray:
@@ -98,7 +103,7 @@ def read_volume(case: Case) -> Volume:
     if not np.issubdtype(label_array.dtype, np.integer):
         label_array = np.rint(label_array).astype(np.int64)
     sx, sy, sz = frame.reorientation.lps_geometry(image.geometry).spacing
-    return Volume(frame.volume_to_slices(image.array), frame.volume_to_slices(label_array), (sz, sy, sx))
+    return Volume(frame.volume_to_slices(image.array), frame.volume_to_slices(label_array), (sz, sy, sx), frame)
 
 
 def _read_3d(path: Path | None, case_id: str, what: str) -> Any:
@@ -160,7 +165,7 @@ def plan_3d(case: Case, labels: np.ndarray, slice_stride: int = 1) -> list[Slice
 
 def count_targets(case: Case, slice_stride: int, protocol: str) -> int:
     """Number of result rows a case will give (reads 3D labelmaps only)."""
-    if protocol == "propagate":
+    if protocol in VOLUME_PROTOCOLS:
         return len(case.labels) if case.kind == "3d" else 0
     if case.kind == "2d":
         return len(case.targets)
@@ -195,12 +200,15 @@ class TimedPredictor:
         self.encoder_s = self.decoder_s = 0.0
         self.encoder_calls = self.decoder_calls = self.cache_hits = 0
 
-    def encode(self, image: np.ndarray) -> Any:
+    def encode(self, image: np.ndarray, key: Any = None) -> Any:
+        """The image's embedding; `key`: its key in the cache (default: encoder id and a hash of the pixels)."""
         from samunet_core.cache import content_hash
 
-        key = None
-        if self.cache is not None:
+        if self.cache is None:
+            key = None
+        elif key is None:
             key = (self.predictor.encoder_id, content_hash(image), "image")
+        if key is not None:
             cached = self.cache.get(key)
             if cached is not None:
                 self.cache_hits += 1
@@ -303,6 +311,10 @@ class Row:
     dice_per_click: list[float]
     window: Window | None
     extra: str = ""
+    nsd_per_step: list[float] = field(default_factory=list)  # interactive3d only, like the three below
+    s_per_step: list[float] = field(default_factory=list)
+    dsc_auc: float | None = None
+    prompt_file: str = ""
 
     def as_csv(self) -> dict[str, str]:
         return {
@@ -313,8 +325,18 @@ class Row:
             "gt_pixels": str(self.gt_pixels), "pred_pixels": str(self.pred_pixels),
             "n_components": str(self.n_components), "lcc_pixels": str(self.lcc_pixels), "prompt": self.prompt,
             "n_clicks": str(self.n_clicks), "dice_per_click": " ".join(f"{d:.4f}" for d in self.dice_per_click),
-            "window": "" if self.window is None else f"{self.window[0]:g} {self.window[1]:g}", "extra": self.extra,
+            "window": "" if self.window is None else f"{_exact(self.window[0])} {_exact(self.window[1])}",
+            "extra": self.extra, "nsd_per_step": " ".join(f"{v:.4f}" for v in self.nsd_per_step),
+            "s_per_step": " ".join(f"{v:.3f}" for v in self.s_per_step),
+            "dsc_auc": "" if self.dsc_auc is None else f"{self.dsc_auc:.6f}", "prompt_file": self.prompt_file,
         }
+
+
+def _exact(value: float) -> str:
+    """A number as short as `:g` writes it when that reads back exactly, else Python's exact repr (e.g. a percentile
+    window), so `samunet segment --window LO HI` reproduces the window bit for bit."""
+    short = f"{value:g}"
+    return short if float(short) == float(value) else repr(float(value))
 
 
 class WorstTargets:
@@ -363,9 +385,11 @@ def write_results_csv(path: Path, rows: list[Row]) -> None:
 
 
 def _group_stats(rows: list[Row]) -> dict[str, Any]:
+    from samunet_core.eval_interactive import summary_extras
+
     dices = [r.dice for r in rows]
     return {"n": len(rows), "mean_dice": round(float(np.mean(dices)), 6) if rows else None,
-            "mean_nsd": round(float(np.mean([r.nsd for r in rows])), 6) if rows else None}
+            "mean_nsd": round(float(np.mean([r.nsd for r in rows])), 6) if rows else None, **summary_extras(rows)}
 
 
 def summarise(rows: list[Row], info: dict[str, Any]) -> dict[str, Any]:
@@ -376,6 +400,7 @@ def summarise(rows: list[Row], info: dict[str, Any]) -> dict[str, Any]:
     summary["mean_nsd"] = overall["mean_nsd"]
     summary["median_dice"] = round(statistics.median(r.dice for r in rows), 6) if rows else None
     summary["n_dice_below_0.3"] = sum(r.dice < 0.3 for r in rows)
+    summary.update({k: v for k, v in overall.items() if k not in ("n", "mean_dice", "mean_nsd")})  # interactive3d
     for key, attr in (("by_modality", "modality"), ("by_kind", "kind"), ("by_case", "case_id")):
         groups: dict[str, list[Row]] = {}
         for r in rows:
@@ -563,7 +588,7 @@ def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTarg
         box = metrics.tight_box(lcc)
         decoder = _RecordingDecoder(predictor, lambda k, w=window: embedding_of(k, w))
         seed = decode_slice(decoder, k_start, SlicePrompts(boxes=(box,)))
-        masks = propagate_from_seeds(decoder, n_slices, {k_start: seed.model})
+        masks = propagate_from_seeds(decoder, n_slices, {k_start: seed.model}, slice_spacing_mm=volume.spacing[0])
         pred = stack(masks, n_slices, shape)
         reached = sorted(masks)
         scores = [score for _, score in decoder.calls]
@@ -584,22 +609,28 @@ def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTarg
 
 def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *, manifest_path: str = "",
              limit: int | None = None, slice_stride: int = 1, overlays: int = 0, progress: bool = True,
-             cache: Any = None, fp16_embeddings: bool = False) -> dict[str, Any]:
-    """Run one protocol over a manifest; write DIR/results.csv, DIR/summary.json (and overlays). Returns the summary.
+             cache: Any = None, fp16_embeddings: bool = False, start: str | None = None,
+             clicks: int | None = None) -> dict[str, Any]:
+    """Run one protocol over a manifest; write DIR/results.csv, DIR/summary.json (and overlays; interactive3d: the
+    prompt file of every step in DIR/prompts/). Returns the summary.
 
-    limit: only the first N cases; slice_stride: only 3D slices k with k % stride == 0.
+    limit: only the first N cases; slice_stride: only 3D slices k with k % stride == 0; start, clicks: the
+    interactive3d protocol's start prompt (box3d, box2d) and number of clicks (default box3d, 5).
     """
     from tqdm import tqdm
+
+    from samunet_core import eval_interactive
 
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}")
     if slice_stride < 1:
         raise InputError(f"--slice-stride must be >= 1, got {slice_stride}")
+    start, clicks = eval_interactive.options(protocol, start, clicks)
     cases = list(manifest.cases[:limit] if limit else manifest.cases)
-    if protocol == "propagate":
+    if protocol in VOLUME_PROTOCOLS:
         cases = [c for c in cases if c.kind == "3d"]
         if not cases:
-            raise InputError("the propagate protocol needs 3d cases; this manifest (or --limit) selects none")
+            raise InputError(f"the {protocol} protocol needs 3d cases; this manifest (or --limit) selects none")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -612,6 +643,8 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
             bar.set_postfix_str(case.id)
             if protocol == "propagate":
                 produced = _eval_case_propagate(case, timed, worst)
+            elif protocol == eval_interactive.PROTOCOL:
+                produced = eval_interactive.eval_case(case, timed, worst, out_dir, start, clicks)
             elif case.kind == "2d":
                 produced = _eval_case_2d(case, protocol, timed, worst)
             else:
@@ -640,6 +673,8 @@ def evaluate(manifest: Manifest, predictor: Any, protocol: str, out_dir: Path, *
         "decoder_ms_mean": round(1e3 * timed.decoder_s / max(timed.decoder_calls, 1), 1),
         "torch": torch.__version__,
     }
+    if protocol == eval_interactive.PROTOCOL:
+        info.update(start=start, clicks=clicks)
     summary = summarise(rows, info)
     if overlays:
         summary["overlays"] = write_overlays(out_dir, worst)

@@ -321,9 +321,14 @@ def resolve_prompts(prompts: PromptFile, frame: SliceFrame) -> ResolvedPrompts:
                                   point["position"])
             points.append(SlicePoint(s=int(np.floor(s + 0.5)), x=float(col), y=float(row), positive=point["positive"]))
         boxes = []
-        for box in segment["boxes"]:
+        for n, box in enumerate(segment["boxes"]):
             c0, c1 = (_inside(prompts, frame, _to_slice(prompts, frame, c), name, "box corner", c)
                       for c in box["corners"])
+            width, height = abs(c1[2] - c0[2]), abs(c1[1] - c0[1])
+            if width < 1e-6 or height < 1e-6:
+                raise InputError(f"{prompts.source}: segment {name!r} box {n + 1} has no area on the {frame.axis} "
+                                 f"slices ({width:g} x {height:g} pixels between its corners {box['corners']}); give "
+                                 "two opposite corners of the box")
             s0, s1 = sorted(int(np.floor(v + 0.5)) for v in (c0[0], c1[0]))
             boxes.append(SliceBox(s0=s0, s1=s1, x0=float(min(c0[2], c1[2])), y0=float(min(c0[1], c1[1])),
                                   x1=float(max(c0[2], c1[2])), y1=float(max(c0[1], c1[1]))))

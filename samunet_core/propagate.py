@@ -62,6 +62,7 @@ class PropagationParams:
     min_score: float = 0.0  # absolute floor on the predicted IoU
     min_score_ratio: float = 0.65  # predicted IoU below this x the walk's start slice's stops the walk
     min_pixels: int = 1  # a mask smaller than this counts as vanished
+    slice_spacing_mm: float | None = None  # the walk axis' spacing these thresholds were set for (None: not known)
 
     def replace(self, **changes: Any) -> PropagationParams:
         from dataclasses import replace
@@ -70,6 +71,25 @@ class PropagationParams:
 
 
 DEFAULT_PARAMS = PropagationParams()
+
+FINE_SPACING_MM = 3.0  # at or below this slice spacing the defaults hold unchanged (measured on 1-3 mm CT)
+COARSE_SPACING_MM = 10.0  # at or above this the slice IoU floor is COARSE_MIN_SLICE_IOU
+COARSE_MIN_SLICE_IOU = 0.30
+
+
+def params_for_spacing(spacing_mm: float | None, base: PropagationParams = DEFAULT_PARAMS) -> PropagationParams:
+    """The walk's parameters for slices `spacing_mm` apart along the walk axis.
+
+    An organ's cross-section changes more between 10 mm slices than between 1 mm ones, so the slice IoU floor
+    (`min_slice_iou`) falls linearly from its value at FINE_SPACING_MM to COARSE_MIN_SLICE_IOU at COARSE_SPACING_MM
+    (never raised: a base already below it is kept). At or below FINE_SPACING_MM, or with no spacing known, `base` is
+    returned with only `slice_spacing_mm` recorded, so walks on 1-3 mm CT stop exactly where they did.
+    """
+    if spacing_mm is None or not np.isfinite(spacing_mm) or spacing_mm <= 0:
+        return base
+    t = float(np.clip((spacing_mm - FINE_SPACING_MM) / (COARSE_SPACING_MM - FINE_SPACING_MM), 0.0, 1.0))
+    iou = base.min_slice_iou + t * (min(COARSE_MIN_SLICE_IOU, base.min_slice_iou) - base.min_slice_iou)
+    return base.replace(slice_spacing_mm=float(spacing_mm), min_slice_iou=iou)
 
 
 @dataclass

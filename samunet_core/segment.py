@@ -203,7 +203,7 @@ def segment_volume(volume: Any, prompts: Any, predictor: Any, *, window: tuple[f
                                     "it stays empty")
             results, seg_warnings = segment_slices(session, seg, n_slices, slice_shape,
                                                    existing=masks if existing is not None else None, mode=mode,
-                                                   params=params)
+                                                   params=params, slice_spacing_mm=frame.slice_spacing)
             warnings += seg_warnings
             for k, mask in results.items():
                 masks[k] = mask

@@ -341,6 +341,14 @@ class SliceFrame:
         """Nx3 (s, row, col) -> Nx3 RAS mm."""
         return lps_to_ras(self.slice_to_lps(srowcol))
 
+    @property
+    def slice_spacing(self) -> float | None:
+        """mm between the centres of two neighbouring displayed slices (None for a 2D image)."""
+        if self.is_2d:
+            return None
+        a, b = self.slice_to_lps([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+        return float(np.linalg.norm(b - a))
+
 
 # ----- model input grid -----
 def model_scale(height: int, width: int, target: int = 256) -> float:

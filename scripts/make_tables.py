@@ -1,6 +1,7 @@
 """Print README's result tables from `samunet eval` summaries and `samunet bench` JSON (never typed by hand).
 
 usage: python scripts/make_tables.py eval DIR [DIR ...]      (each DIR holds a summary.json)
+       python scripts/make_tables.py interactive DIR [DIR ...]   (interactive3d summaries)
        python scripts/make_tables.py bench FILE.json [...]
 """
 
@@ -34,6 +35,46 @@ def eval_table(dirs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def interactive_table(dirs: list[str]) -> str:
+    """One row per (summary, group): all targets, each modality, and the seen / unseen split of by_case."""
+    lines = ["| model | start | targets | n | Dice per step (start, click 1..N) | DSC_AUC | DSC_Final | gain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in dirs:
+        s = json.loads((Path(d) / "summary.json").read_text())
+        if s.get("protocol") != "interactive3d":
+            raise SystemExit(f"{d}: not an interactive3d summary (protocol {s.get('protocol')!r})")
+        groups = [("all", s)] + sorted(s["by_modality"].items())
+        for label, keep in (("seen", True), ("unseen", False)):
+            cases = [v for case, v in s.get("by_case", {}).items() if _seen_3d(case) == keep]
+            n = sum(v["n"] for v in cases)
+            if n and len(cases) < len(s.get("by_case", {})):
+                groups.append((label, {k: _weighted(cases, k) for k in ("mean_dice_per_step", "dsc_auc",
+                                                                        "dsc_final")} | {"n": n}))
+        for name, g in groups:
+            steps = g["mean_dice_per_step"]
+            n = g.get("n", s.get("n_targets"))
+            lines.append(f"| {s['model']} | {s['start']} | {name} | {n} | {' '.join(f'{v:.3f}' for v in steps)} | "
+                         f"{g['dsc_auc']:.3f} | {g['dsc_final']:.3f} | {steps[-1] - steps[0]:+.3f} |")
+    return "\n".join(lines)
+
+
+def _seen_3d(case_id: str) -> bool:
+    """A 3D case whose patient is on the training side: the shared manifest's (splits.py) and every lidc3d stack
+    (its patients' 2D slices are in the training pool, shared/data/lidc3d/SOURCES.md)."""
+    from samunet_core.train.splits import seen_in_training
+
+    return seen_in_training(case_id) or case_id.startswith("lidc3d/")
+
+
+def _weighted(groups: list[dict], key: str):
+    """The n-weighted mean of a key (a number or a list of numbers) over summary groups."""
+    total = sum(g["n"] for g in groups)
+    first = groups[0][key]
+    if isinstance(first, list):
+        return [sum(g["n"] * g[key][i] for g in groups) / total for i in range(len(first))]
+    return sum(g["n"] * g[key] for g in groups) / total
+
+
 def bench_table(files: list[str]) -> str:
     lines = ["| device | threads | model | runtime | encoder ms p50 / p95 | decoder ms p50 / p95 | "
              "click-to-mask ms p50 / p95 | volume slices/s | export + compile s (once) | peak RSS | "
@@ -60,10 +101,11 @@ def bench_table(files: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("eval", "bench"):
+    tables = {"eval": eval_table, "interactive": interactive_table, "bench": bench_table}
+    if len(argv) < 2 or argv[0] not in tables:
         print(__doc__, file=sys.stderr)
         return 2
-    print(eval_table(argv[1:]) if argv[0] == "eval" else bench_table(argv[1:]))
+    print(tables[argv[0]](argv[1:]))
     return 0
 
 

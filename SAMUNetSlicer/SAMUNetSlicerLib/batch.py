@@ -68,6 +68,7 @@ class _Job:
     key: str
     segment: SegmentPrompts | None
     error: str | None = None
+    slice_spacing: float | None = None  # mm between neighbouring slices (the walk's stopping rule is set for it)
 
 
 class _Cancelled(Exception):
@@ -171,7 +172,7 @@ class BatchRunner:
         self.views.append(view)
         frame = view.frame
         return _Job(index, target.volume_name, view.slice_uint8, frame.n_slices, tuple(frame.slice_shape), view.key,
-                    segment)
+                    segment, slice_spacing=frame.frame.slice_spacing)
 
     # -- public API -------------------------------------------------------------------------------------------------
     def start(self) -> Future:
@@ -225,7 +226,8 @@ class BatchRunner:
         try:
             segment = job.segment
             return session.run(lambda decoder: segment_slices(
-                _CancellableDecoder(decoder, self._cancel), segment, job.n_slices, job.slice_shape)).result()
+                _CancellableDecoder(decoder, self._cancel), segment, job.n_slices, job.slice_shape,
+                slice_spacing_mm=job.slice_spacing)).result()
         finally:
             session.close()
 

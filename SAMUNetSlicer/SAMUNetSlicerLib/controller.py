@@ -2,8 +2,12 @@
 the main thread. No Qt: the Slicer widget maps buttons and keys to these calls, and `replay` drives the same class.
 
 State: the volume, segmentation and segment being edited, the tool, the correction mode, every placed prompt (with the
-view, axis and slice it was placed on), per slice the request generation and the snapshot the results are written
+view, axis and slice it was placed on), per axis the engine's `interaction.SegmentState` built from those prompts
+(one job at a time on the session worker: a new prompt is applied to it, a moved or removed one replays them all, so
+what is shown equals `samunet segment` on the prompt file), per written slice the snapshot the results are written
 against, and an epoch that changes at every start/stop (results of an earlier start or a closed scene are dropped).
+After Propagate ("both") the axis's prompts carry through the volume: every later click updates its slice and the
+neighbours the engine's walk reaches, written together as one interaction (one undo step on Accept).
 
 Threading contract: event handlers and `poll()` run on the main thread and are the only code touching MRML; the model
 runs in `VolumeSession.run` on the session's worker, given only numpy and engine objects snapshotted here. The widget
@@ -66,17 +70,26 @@ class Placed:
 
 @dataclass
 class _Slice:
-    """One displayed slice touched since the last Accept/Clear."""
+    """One displayed slice written since the last Accept/Clear."""
 
     extent: tuple
     baseline: dict[str, np.ndarray]  # every segment's voxels before this interaction touched the slice
     written: dict[str, np.ndarray]  # what the segmentation holds now
-    memo: interaction.ClickMemo = field(default_factory=interaction.ClickMemo)
+    shown: np.ndarray | None = None  # the segment's mask on this slice as last written (HxW bool)
+
+
+@dataclass
+class _AxisJob:
+    """The segment's prompts on one axis and the engine state they built (`interaction.SegmentState`).
+
+    The state lives on the session worker: the main thread only hands it prompts and reads the masks it returns."""
+
+    state: interaction.SegmentState | None = None
+    applied: tuple = ()  # the engine prompts the state holds, in the order applied
+    key: tuple = ()  # (mode, propagate) the state was built with
     wanted: int = 0  # generation of the newest request
     running: Future | None = None
     running_generation: int = 0
-    outcome: interaction.SliceOutcome | None = None
-    prompts: SlicePrompts | None = None
 
 
 @dataclass
@@ -177,6 +190,8 @@ class InteractionController:
         self._refused: set[tuple] = set()  # (node id, point id, position) already refused with a message
         self._box_depths: dict[str, float] = {}  # ROI node id -> its depth in slices when it was drawn
         self._slices: dict[tuple[str, int], _Slice] = {}
+        self._jobs: dict[str, _AxisJob] = {}
+        self._propagated: set[str] = set()  # axes whose prompts are carried through the volume (Propagate pressed)
         self._propagation: _Propagation | None = None
         self._interaction_saved = False
 
@@ -190,7 +205,7 @@ class InteractionController:
 
     @property
     def busy(self) -> bool:
-        return any(s.running is not None for s in self._slices.values()) or self._propagation is not None
+        return any(j.running is not None for j in self._jobs.values()) or self._propagation is not None
 
     # -- tools ----------------------------------------------------------------------------------------------------
     def set_tool(self, tool: str) -> Any:
@@ -218,8 +233,8 @@ class InteractionController:
     def set_mode(self, mode: Mode | str) -> None:
         """replace / add / remove for the next requests (already written slices are recomputed)."""
         self.mode = Mode(mode)
-        for key in list(self._slices):
-            self._request(*key)
+        for axis in list(self._jobs):
+            self._request(axis)
 
     # -- events (main thread) -------------------------------------------------------------------------------------
     def _observe(self, node, events) -> None:
@@ -235,15 +250,15 @@ class InteractionController:
             touched = self._reconcile(node)
         finally:
             self._handling = False
-        for key in sorted(touched):
-            self._request(*key)
+        for axis in sorted({axis for axis, _ in touched}):
+            self._request(axis)
 
     def _reconcile_all(self) -> None:
         touched: set = set()
         for node in (self.positive_node, self.negative_node, *self._box_nodes):
             touched |= self._reconcile(node)
-        for key in sorted(touched):
-            self._request(*key)
+        for axis in sorted({axis for axis, _ in touched}):
+            self._request(axis)
 
     def _reconcile(self, node) -> set[tuple[str, int]]:
         """Bring the placed-prompt registry in line with `node`; returns the (axis, slice) keys that changed."""
@@ -374,59 +389,92 @@ class InteractionController:
         return SlicePrompts(boxes=tuple(p.box for p in placed if p.box is not None),
                             clicks=tuple(p.click for p in placed if p.click is not None))
 
-    def _request(self, axis: str, k: int) -> None:
-        """Ask for slice k's mask from its current prompts; never waits. One request per slice runs at a time; a
-        newer one waits for it and is then sent with the newest prompts (a drag sends few, not every step)."""
-        state = self._slice(axis, k)
-        state.wanted = next(self._generation)
-        if state.running is None:
-            self._submit(axis, k, state)
+    def engine_prompts(self, axis: str) -> tuple:
+        """The prompts on `axis` as the engine takes them (SliceBox / SlicePoint), in the prompt file's order: the
+        boxes, then the clicks, each in the order they were placed (what `prompt_file` writes and `samunet segment`
+        replays)."""
+        from samunet_core.prompts import SliceBox, SlicePoint
 
-    def _submit(self, axis: str, k: int, state: _Slice) -> None:
-        prompts = self.slice_prompts(axis, k)
-        state.prompts = prompts
-        generation, epoch = state.wanted, self._epoch
-        if prompts.empty:
-            state.running, state.running_generation = _done(None), generation
-            return
-        existing = self.frame(axis).slab_to_slice(state.baseline[self.segment_id]) > 0
-        mode, memo, started = self.mode, state.memo, time.perf_counter()
+        placed = sorted((p for p in self._placed.values() if p.axis == axis), key=lambda p: p.order)
+        boxes = [SliceBox(p.s0, p.s1, *p.box) for p in placed if p.box is not None]
+        points = [SlicePoint(p.s0, p.click.x, p.click.y, p.click.positive) for p in placed if p.click is not None]
+        return (*boxes, *points)
 
-        def decode(decoder) -> tuple[int, float, interaction.SliceOutcome]:
-            return epoch, started, interaction.decode_slice(decoder, k, prompts, existing=existing, mode=mode,
-                                                            memo=memo)
+    def _request(self, axis: str) -> None:
+        """Ask for the segment's result on `axis` from its current prompts; never waits. One job per axis runs at a
+        time; a newer request waits for it and is then sent with the newest prompts (a drag sends few, not every
+        step)."""
+        job = self._jobs.setdefault(axis, _AxisJob())
+        job.wanted = next(self._generation)
+        if job.running is None:
+            self._submit(axis, job)
 
-        state.running, state.running_generation = self._session(axis).run(decode), generation
-        self._session(axis).prefetch(k)
+    def _submit(self, axis: str, job: _AxisJob) -> None:
+        """Apply the prompts added since the last job to the axis's engine state, or replay them all on a fresh
+        state when a prompt moved, was removed, or the mode or Propagate changed (rule: one segment's prompts in
+        order give one result, whichever way they arrive)."""
+        prompts = self.engine_prompts(axis)
+        key = (self.mode, axis in self._propagated)
+        generation, epoch, started = job.wanted, self._epoch, time.perf_counter()
+        incremental = job.state is not None and job.key == key and prompts[:len(job.applied)] == job.applied
+        state = job.state if incremental else None
+        todo = prompts[len(job.applied):] if incremental else prompts
+        existing = None if incremental or self.mode is Mode.REPLACE else self._existing(axis)
+        frame, name, mode, propagate = self.frame(axis), self.segment_id, self.mode, key[1]
+        job.state, job.applied, job.key = None, (), key  # owned by the job until it returns
+
+        def work(decoder) -> tuple[int, float, Any, tuple, dict[int, np.ndarray]]:
+            current = state
+            if current is None:
+                current = interaction.SegmentState(decoder, frame.n_slices, frame.slice_shape, propagate=propagate,
+                                                   existing=existing, mode=mode, name=name,
+                                                   slice_spacing_mm=frame.frame.slice_spacing)
+            current.decoder = decoder
+            for prompt in todo:  # each call is atomic; a failure leaves the job without a state (the next replays)
+                (current.add_box if hasattr(prompt, "s1") else current.add_click)(prompt)
+            return epoch, started, current, prompts, current.masks()
+
+        job.running, job.running_generation = self._session(axis).run(work), generation
+        last = max((p for p in self._placed.values() if p.axis == axis), key=lambda p: p.order, default=None)
+        if last is not None:
+            self._session(axis).prefetch(last.s0)
+
+    def _existing(self, axis: str) -> np.ndarray:
+        """S x H x W bool: the segment on `axis` before this interaction (slices written since Accept: their
+        baseline)."""
+        frame = self.frame(axis)
+        whole = slab_extent((slice(None),) * 3, frame.shape_kji)
+        existing = np.array(frame.frame.volume_to_slices(self.writer.io.read(self.segment_id, whole) > 0), bool)
+        for (a, k), state in self._slices.items():
+            if a == axis:
+                existing[k] = frame.slab_to_slice(state.baseline[self.segment_id]) > 0
+        return existing
 
     # -- results (main thread) ------------------------------------------------------------------------------------
     def poll(self) -> int:
-        """Apply every finished result that is still current; returns how many were written."""
+        """Apply every finished result that is still current; returns how many slices were written."""
         applied = 0
-        for (axis, k), state in list(self._slices.items()):
-            future = state.running
+        for axis, job in list(self._jobs.items()):
+            future = job.running
             if future is None or not future.done():
                 continue
-            state.running = None
-            generation = state.running_generation
+            job.running = None
             try:
-                result = future.result()
-            except Exception as exc:  # the model failed: say so, keep what is written
-                self._fail(f"Segmentation failed on {axis} slice {k}: {exc}")
+                epoch, started, state, prompts, masks = future.result()
+            except Exception as exc:  # the model failed: say so, keep what is written; the next request replays
+                self._fail(f"Segmentation failed on the {axis} slices: {exc}")
                 continue
-            if generation != state.wanted:
-                self._submit(axis, k, state)  # newer prompts arrived meanwhile
-                continue
-            if result is None:
-                applied += self._restore(axis, k)
-                continue
-            epoch, started, outcome = result
             if epoch != self._epoch:
                 continue
-            applied += self._write(axis, k, state, outcome)
+            job.state, job.applied = state, prompts
+            if job.running_generation != job.wanted:
+                self._submit(axis, job)  # newer prompts arrived meanwhile
+                continue
+            applied += self._show(axis, masks)
             self.last_latency_ms = (time.perf_counter() - started) * 1e3
-            for warning in outcome.warnings:
+            for warning in state.warnings:
                 self._say(warning)
+            state.warnings.clear()
         applied += self._poll_propagation()
         return applied
 
@@ -435,7 +483,7 @@ class InteractionController:
         deadline = time.monotonic() + timeout
         applied = 0
         while self.busy:
-            running = [s.running for s in self._slices.values() if s.running is not None]
+            running = [j.running for j in self._jobs.values() if j.running is not None]
             if self._propagation is not None:
                 running.append(self._propagation.future)
             if not any(f.done() for f in running):  # (futures.wait would miss a plain cancel())
@@ -445,15 +493,27 @@ class InteractionController:
             applied += self.poll()
         return applied
 
-    def _write(self, axis: str, k: int, state: _Slice, outcome: interaction.SliceOutcome) -> int:
+    def _show(self, axis: str, masks: dict[int, np.ndarray]) -> int:
+        """Write the axis's result: every slice whose mask changed; slices the result no longer holds go back to
+        their baseline."""
+        written = 0
+        for k in sorted(masks):
+            state = self._slices.get((axis, k))
+            if state is not None and state.shown is not None and np.array_equal(state.shown, masks[k]):
+                continue
+            written += self._write(axis, k, self._slice(axis, k), masks[k])
+        for a, k in [key for key in self._slices if key[0] == axis and key[1] not in masks]:
+            written += self._restore(a, k)
+        return written
+
+    def _write(self, axis: str, k: int, state: _Slice, mask: np.ndarray) -> int:
         frame = self.frame(axis)
-        changed = self.writer.compute(self.segment_id, state.extent, frame.slice_to_slab(outcome.mask),
-                                      state.baseline)
+        changed = self.writer.compute(self.segment_id, state.extent, frame.slice_to_slab(mask), state.baseline)
         regions = {sid: changed.get(sid, region) for sid, region in state.baseline.items()}
         self._save_for_undo()
         self.writer.write_regions(state.extent, regions, state.baseline, state.written)
         state.written = dict(regions)
-        state.outcome = outcome
+        state.shown = np.array(mask, bool)
         return 1
 
     def _restore(self, axis: str, k: int) -> int:
@@ -559,21 +619,26 @@ class InteractionController:
             raise ValueError(f"direction must be one of {DIRECTIONS}")
         self._require_started()
         self.wait()
-        done = {key: s for key, s in self._slices.items() if s.outcome is not None and s.prompts is not None
-                and not s.prompts.empty}
-        if axis is None and done:
-            axis = max(done.items(), key=lambda item: item[1].wanted)[0][0]
-        seeds = {k: s.outcome.model for (a, k), s in done.items() if a == axis}  # the model's answers, as the CLI
-        if not seeds:
+        if axis is None and self._placed:
+            axis = max(self._placed.values(), key=lambda p: p.order).axis
+        job = self._jobs.get(axis) if axis is not None else None
+        if job is None or job.state is None or not any(m.any() for m in job.state.masks().values()):
             raise InputError("nothing to propagate: segment a slice first")
+        if direction == "both":
+            # the prompts from now on carry through the volume: a replay with "propagate", as the CLI's prompt file
+            self._propagated.add(axis)
+            self._request(axis)
+            return
+        seeds = {k: job.state.results[k] for k in job.state.user if k in job.state.results}
         inside_3d_box = {k for p in self._placed.values() if p.axis == axis and p.s1 > p.s0
                          for k in range(p.s0, p.s1 + 1)}
         below = direction != "up" and min(seeds) not in inside_3d_box  # no walk beyond a 3D box, as the CLI
         above = direction != "down" and max(seeds) not in inside_3d_box
-        n_slices, epoch = self.frame(axis).n_slices, self._epoch
+        n_slices, epoch, spacing = self.frame(axis).n_slices, self._epoch, self.frame(axis).frame.slice_spacing
 
         def walk(decoder) -> dict[int, np.ndarray]:
-            return interaction.propagate_from_seeds(decoder, n_slices, seeds, walk_below=below, walk_above=above)
+            return interaction.propagate_from_seeds(decoder, n_slices, seeds, walk_below=below, walk_above=above,
+                                                    slice_spacing_mm=spacing)
 
         self._propagation = _Propagation(epoch, axis, direction, self._session(axis).run(walk))
 
@@ -589,7 +654,8 @@ class InteractionController:
             return 0
         if job.epoch != self._epoch:
             return 0
-        prompted = {k for (a, k) in self._slices if a == job.axis}
+        engine = self._jobs[job.axis].state if job.axis in self._jobs else None
+        prompted = set(engine.user) if engine is not None else set()
         carried = {k: m for k, m in masks.items() if k not in prompted}
         self.accept()  # the prompted slices are one undo step, the propagation the next
         if not carried:

@@ -7,7 +7,8 @@
 by Slicer's volumes logic, three slice views (Red axial, Yellow sagittal, Green coronal) are added, and for each segment
 of the prompt file the markups a user would place are placed one at a time in the file's order (boxes first, then
 points), each in the chosen view moved to the prompt's slice, each firing the events Slicer fires; the controller
-reacts exactly as it does under the widget; after a segment's prompts (and its propagation, if asked) it is accepted.
+reacts exactly as it does under the widget. A segment with "propagate" is propagated after its boxes (or, without
+boxes, after its clicks), so its clicks arrive as corrections that carry; then the segment is accepted.
 The segmentation is then saved by Slicer's segmentation storage node. The window is the one `samunet segment` uses
 for the same options, so replay and CLI see the same pixels: the two must give the same voxels (one policy).
 
@@ -218,6 +219,10 @@ def replay(volume_path: Path, prompts_path: Path, output: Path, *, view: str | N
                 if int(np.floor(slices[0][0] + 0.5)) != int(np.floor(slices[1][0] + 0.5)):
                     set_box_depth(roi, c1, c2, normal)
                     controller.wait()
+            if segment["propagate"] and segment["boxes"]:
+                # box, Propagate, then the corrections: each click carries to the neighbours as it lands
+                controller.propagate("both", axis=prompts.axis)
+                controller.wait()
             for point in segment["points"]:
                 ras = _to_ras(prompts, frame, point["position"], segment["name"])
                 mrml.show_slice(view_name, ras)
@@ -226,7 +231,7 @@ def replay(volume_path: Path, prompts_path: Path, output: Path, *, view: str | N
                 controller.wait()
             if controller.errors:
                 raise InputError(f"segment {segment['name']!r}: {controller.errors[0]}")
-            if segment["propagate"]:
+            if segment["propagate"] and not segment["boxes"]:
                 controller.propagate("both", axis=prompts.axis)
                 controller.wait()
             controller.accept()

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from samunet_core.prompts import SliceBox
+
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs/formats.md"
 CT = REPO / "Testing/data/slicerio_ctchest/CTChest4.nrrd"
@@ -41,7 +43,8 @@ def test_every_fenced_block_is_a_checked_example():
     fences = re.findall(r"^```(\w*)$", text, re.M)
     assert len(fences) == 2 * len(examples()), "every fenced block of docs/formats.md needs an <!-- example: --> mark"
     assert set(examples()) == {"prompt-ras", "prompt-pixel", "prompt-edit", "job-file", "manifest", "results-csv",
-                               "summary-json", "bench-json"}
+                               "summary-json", "bench-json", "results-csv-interactive3d", "summary-interactive3d",
+                               "prompt-interactive3d"}
     for lang, body in examples().values():
         if lang == "json":
             json.loads(body)
@@ -76,6 +79,28 @@ def test_ras_example_parses_and_resolves_on_the_ct():
     assert [b.is_3d for b in right.boxes] == [False] and right.boxes[0].s0 == 12
     assert [p.s for p in right.points] == [12] and right.points[0].positive
     assert left.boxes[0].is_3d and (left.boxes[0].s0, left.boxes[0].s1) == (12, 20) and not left.propagate
+
+
+def test_interactive3d_prompt_example_is_a_kidney_box3d_step():
+    """The eval's step-2 prompt file for kidney_right (label 2) of the TotalSegmentator CT: the label's 3D bounding box
+    on the axial slices (pixels as in the results-csv-interactive3d row), then two clicks, propagated."""
+    from samunet_core import metrics
+    from samunet_core.io.volumes import read_volume
+    from samunet_core.prompts import parse_prompts, resolve_prompts
+
+    ct = REPO / "Testing/data/totalsegmentator"
+    parsed = parse_prompts(example_json("prompt-interactive3d"), source="docs prompt-interactive3d")
+    frame = read_volume(ct / "example_ct_sm.nii.gz").frame(parsed.axis)
+    (kidney,) = resolve_prompts(parsed, frame).segments
+    ref = frame.volume_to_slices(read_volume(ct / "example_seg.nii.gz").array) == 2
+    ks = np.flatnonzero(ref.any(axis=(1, 2)))
+    x0, y0, x1, y1 = metrics.tight_box(ref.any(axis=0))
+    assert (kidney.name, kidney.propagate, len(kidney.boxes)) == ("kidney_right", True, 1)
+    assert kidney.boxes[0] == SliceBox(int(ks[0]), int(ks[-1]), x0, y0, x1, y1)
+    row = next(csv.DictReader(io.StringIO(examples()["results-csv-interactive3d"][1])))
+    assert row["prompt"] == f"box3d {x0} {y0} {x1} {y1} k {ks[0]}-{ks[-1]}"
+    clicks = row["extra"].split("clicks=")[1].split(";")[0].split()
+    assert [f"{'+' if p.positive else '-'}({p.s},{p.y:g},{p.x:g})" for p in kidney.points] == clicks
 
 
 def test_pixel_example_parses_and_resolves_on_a_2d_image():
@@ -254,6 +279,39 @@ def test_results_csv_example_has_the_written_columns(eval_run):
     assert not [c for c in CSV_COLUMNS if f"| `{c}` |" not in text], "a results.csv column is not in the table"
 
 
+@pytest.fixture(scope="module")
+def interactive_run(tmp_path_factory):
+    """The manifest example's 3d case through the interactive3d protocol with the stand-in model."""
+    from samunet_core.evaluate import evaluate
+    from samunet_core.manifest import load_manifest
+
+    root = tmp_path_factory.mktemp("interactive_example")
+    path = write_manifest_files(root, example_json("manifest"))
+    out = root / "out"
+    summary = evaluate(load_manifest(path), StandInPredictor(), "interactive3d", out, manifest_path=str(path),
+                       progress=False, start="box2d", clicks=2)
+    return SimpleNamespace(out=out, summary=summary)
+
+
+def test_interactive3d_results_csv_example(interactive_run):
+    from samunet_core.evaluate import CSV_COLUMNS
+
+    lang, body = examples()["results-csv-interactive3d"]
+    assert lang == "csv"
+    documented = list(csv.DictReader(io.StringIO(body)))
+    written = list(csv.DictReader(io.StringIO((interactive_run.out / "results.csv").read_text(encoding="utf-8"))))
+    assert list(documented[0]) == list(written[0]) == list(CSV_COLUMNS)
+    for row in documented + written:
+        dice = [float(v) for v in row["dice_per_click"].split()]
+        assert len(dice) == len(row["nsd_per_step"].split()) == 3  # --clicks 2
+        assert len(row["s_per_step"].split()) == int(row["n_clicks"]) + 1
+        assert float(row["dsc_auc"]) == pytest.approx(np.trapezoid(dice[1:]), abs=1e-3)
+        assert row["prompt_file"] == "prompts/{}__{}__step{}.json".format(row["case_id"].replace("/", "_"),
+                                                                          row["target"], row["n_clicks"])
+    for row in written:
+        assert (interactive_run.out / row["prompt_file"]).is_file()
+
+
 def _key_tree(value):
     """Nested dict keys (values of non-dict entries dropped) for comparing structures."""
     if isinstance(value, dict):
@@ -267,6 +325,20 @@ def test_summary_json_example_has_the_written_keys(eval_run):
     assert _key_tree(example_json("summary-json")) == _key_tree(written)
     text = DOC.read_text(encoding="utf-8")
     assert not [k for k in written if f"`{k}`" not in text], "a summary.json key is not in the table"
+
+
+def test_interactive3d_summary_example_has_the_added_keys(eval_run, interactive_run):
+    written = json.loads((interactive_run.out / "summary.json").read_text(encoding="utf-8"))
+    box_keys = set(json.loads((eval_run.out / "summary.json").read_text(encoding="utf-8")))
+    fragment = example_json("summary-interactive3d")
+    added = set(written) - box_keys
+    assert added == set(fragment) - {"protocol", "by_modality"} and box_keys - {"overlays"} <= set(written)
+    assert _key_tree(fragment["by_modality"]) == _key_tree(written["by_modality"])
+    assert {k: written[k] for k in ("protocol", "start", "clicks")} == {"protocol": "interactive3d", "start": "box2d",
+                                                                       "clicks": 2}
+    assert len(written["mean_dice_per_step"]) == len(fragment["mean_dice_per_step"]) == 3
+    text = DOC.read_text(encoding="utf-8")
+    assert not [k for k in added if f"`{k}`" not in text], "an interactive3d summary key is not in the table"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

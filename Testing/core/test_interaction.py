@@ -28,7 +28,7 @@ from samunet_core.interaction import (
     decode_step,
     segment_slices,
 )
-from samunet_core.propagate import grow_box, mask_box
+from samunet_core.propagate import DEFAULT_PARAMS, chained_box, grow_box, mask_box
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "totalsegmentator"
 SOFT_TISSUE = (-160.0, 240.0)
@@ -251,9 +251,11 @@ def test_3d_box_covers_s0_to_s1_and_nothing_else(ct, clicks_model):
     assert sorted(masks) == [k - 1, k, k + 1] and not warnings
     assert sorted({s for s, _ in decoder.calls}) == [k - 1, k, k + 1], "no walk beyond a 3D box"
     assert [s for s, _ in decoder.calls].count(k) == 2, "the clicked slice: the box, then box + click"
-    for s in (k - 1, k + 1):
-        assert np.array_equal(masks[s], clicks_model.predict(session.embedding(s), boxes=[[x0, y0, x1, y1]]).masks[0])
     assert np.array_equal(masks[k], decode_slice(session, k, SlicePrompts(((x0, y0, x1, y1),), (pos,))).mask)
+    for s in (k - 1, k + 1):  # walked from the drawn (clicked) slice, the box clipped to the 3D box (rule 6)
+        bx0, by0, bx1, by1 = chained_box(masks[k], DEFAULT_PARAMS.box_margin)
+        box = [max(bx0, x0), max(by0, y0), min(bx1, x1), min(by1, y1)]
+        assert np.array_equal(masks[s], clicks_model.predict(session.embedding(s), boxes=[box]).masks[0])
     assert metrics.dice(np.stack([masks[s] for s in (k - 1, k, k + 1)]), spleen[k - 1:k + 2]) > 0.7
 
 

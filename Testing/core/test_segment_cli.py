@@ -222,6 +222,15 @@ def test_prompt_outside_the_image(tmp_path, cache_dir, capsys) -> None:
     assert "'far'" in err and "outside the image" in err and not out.exists()
 
 
+def test_a_box_without_area_is_refused(tmp_path, cache_dir, capsys) -> None:
+    """A "3D box" whose corners differ only across slices (zero width on the slices): exit 2, nothing written."""
+    prompts = write_prompts(tmp_path / "flat.json", [
+        {"name": "flat", "boxes": [{"corners": [[10, 10, 2], [10, 40, 6]]}]}])
+    out = tmp_path / "o.seg.nrrd"
+    err = bad_run(capsys, CT, "--prompts", prompts, "--output", out, cache_dir=cache_dir)
+    assert "segment 'flat' box 1 has no area on the axial slices (0 x 30 pixels" in err and not out.exists()
+
+
 def test_empty_segment_list(tmp_path, cache_dir, capsys) -> None:
     prompts = write_prompts(tmp_path / "empty.json", [])
     out = tmp_path / "o.seg.nrrd"

@@ -273,7 +273,7 @@ def test_a_result_of_an_earlier_start_or_a_closed_scene_is_not_written(scene, ct
     lo, hi, _ = lung_box(controller.frame("axial"), K + 3)  # a slice no other test encoded: the result is pending
     scene.show_slice("Red", (lo + hi) / 2)
     place_box(controller.set_tool("box"), lo, hi)
-    pending = [s.running for s in controller._slices.values() if s.running is not None]
+    pending = [j.running for j in controller._jobs.values() if j.running is not None]
     assert pending and not pending[0].done()
     controller.start(volume, segmentation, lung, window=LUNG)  # Start again before the answer
     settle(pending)
@@ -282,7 +282,7 @@ def test_a_result_of_an_earlier_start_or_a_closed_scene_is_not_written(scene, ct
 
     scene.show_slice("Red", (lo + hi) / 2 + [0, 0, 10.0])
     place_box(controller.set_tool("box"), lo + [0, 0, 10.0], hi + [0, 0, 10.0])
-    pending = [s.running for s in controller._slices.values() if s.running is not None]
+    pending = [j.running for j in controller._jobs.values() if j.running is not None]
     assert pending and not pending[0].done()
     writes = []
     segmentation.GetSegmentation().AddObserver(slicer.vtkSegmentation.SourceRepresentationModified,

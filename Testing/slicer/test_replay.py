@@ -88,6 +88,40 @@ def test_replay_gives_the_voxels_of_samunet_segment(tmp_path):
     assert np.count_nonzero(cli["gallbladder"].any(axis=(1, 2))) > 3  # propagated beyond its prompted slice
 
 
+def test_corrections_on_several_slices_carry_alike_in_slicer_and_the_cli(tmp_path):
+    """A box, Propagate, then corrections on three slices (a click on a carried slice, a negative click, a click
+    beyond where the walk stopped): each click carries to the neighbours as it lands in the controller, and the
+    result equals `samunet segment` on the prompt file that holds the same prompts."""
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(LABELS)))
+    spleen = labels == SPLEEN
+    k = largest_slice(labels, SPLEEN)
+    ks = np.flatnonzero(spleen.any(axis=(1, 2)))
+    lo, hi = box_ijk(labels, SPLEEN, k)
+    points = [{"position": inside_ijk(labels, SPLEEN, k + 2)},
+              {"position": [lo[0] + 1.0, lo[1] + 1.0, float(k - 2)], "positive": False},
+              {"position": inside_ijk(labels, SPLEEN, int(ks[-1]))}]
+    data = {"coordinates": "IJK", "axis": "axial", "segments": [
+        {"name": "spleen", "boxes": [{"corners": [lo, hi]}], "points": points, "propagate": True}]}
+    prompts = tmp_path / "corrections.json"
+    prompts.write_text(json.dumps(data))
+    cache = tmp_path / "embeddings"
+    assert samunet(["segment", str(CT), "--prompts", str(prompts), "--output", str(tmp_path / "cli.seg.nrrd"),
+                    "--preset", "soft_tissue", "--device", "cpu", "--cache-dir", str(cache)]) == 0
+    assert replay([str(CT), "--prompts", str(prompts), "--output", str(tmp_path / "replay.seg.nrrd"),
+                   "--preset", "soft_tissue", "--cache-dir", str(cache)]) == 0
+    cli, slicer_path = voxels(tmp_path / "cli.seg.nrrd"), voxels(tmp_path / "replay.seg.nrrd")
+    assert cli["spleen"].any()
+    assert int((cli["spleen"] != slicer_path["spleen"]).sum()) == 0
+    no_clicks = dict(data["segments"][0], points=[])
+    (tmp_path / "box.json").write_text(json.dumps(dict(data, segments=[no_clicks])))
+    assert samunet(["segment", str(CT), "--prompts", str(tmp_path / "box.json"), "--output",
+                    str(tmp_path / "box.seg.nrrd"), "--preset", "soft_tissue", "--device", "cpu",
+                    "--cache-dir", str(cache)]) == 0
+    box_only = voxels(tmp_path / "box.seg.nrrd")["spleen"]
+    changed = np.flatnonzero((box_only != cli["spleen"]).any(axis=(1, 2)))
+    assert len(set(changed) - {k + 2, k - 2, int(ks[-1])}) > 0, "the corrections changed slices beyond the clicked"
+
+
 def test_replay_in_the_green_view_on_coronal_slices(tmp_path):
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(LABELS)))
     j = int(np.argmax((labels == LIVER).sum(axis=(0, 2))))
