@@ -559,10 +559,12 @@ class _RecordingDecoder:
 
 
 def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTargets) -> Iterator[Row]:
-    """One row per label: a box on the label's largest axial slice (`interaction.decode_slice`), carried through the
-    volume by `interaction.propagate_from_seeds`; 3D Dice and NSD over the whole volume."""
+    """One row per label: a box on the label's largest axial slice carried through the volume by the engine's walk
+    (`interaction.SegmentState`, "propagate": true, as `samunet segment` runs it); 3D Dice and NSD over the whole
+    volume."""
     from samunet_core.cache import EmbeddingCache
-    from samunet_core.interaction import SlicePrompts, decode_slice, propagate_from_seeds
+    from samunet_core.interaction import SegmentState
+    from samunet_core.prompts import SliceBox
     from samunet_core.propagate import stack
 
     volume = read_volume(case)
@@ -587,8 +589,9 @@ def _eval_case_propagate(case: Case, predictor: TimedPredictor, worst: WorstTarg
         lcc = metrics.largest_component(ref3d[k_start])
         box = metrics.tight_box(lcc)
         decoder = _RecordingDecoder(predictor, lambda k, w=window: embedding_of(k, w))
-        seed = decode_slice(decoder, k_start, SlicePrompts(boxes=(box,)))
-        masks = propagate_from_seeds(decoder, n_slices, {k_start: seed.model}, slice_spacing_mm=volume.spacing[0])
+        state = SegmentState(decoder, n_slices, shape, propagate=True, slice_spacing_mm=volume.spacing[0])
+        state.add_box(SliceBox(k_start, k_start, *box))  # what `samunet segment` does with this box, propagated
+        masks = state.masks()
         pred = stack(masks, n_slices, shape)
         reached = sorted(masks)
         scores = [score for _, score in decoder.calls]

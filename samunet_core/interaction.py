@@ -39,13 +39,15 @@ file's boxes, then its clicks, each in file order), whichever front end gives th
    dropped (it was reached through this one). Towards another prompted slice a walk only fills slices that hold
    nothing, at most halfway (ties to the lower slice): the slices there were carried from that prompted slice, and a
    correction far from it is a worse source than it (measured: re-walking them lost 0.1-0.4 Dice on a gallbladder).
+   A correction's clicks go with it: each slice it reaches that makes the same mistake at a click's pixel (misses a
+   positive click's, covers a negative click's) is decoded with the box and those clicks, in either direction.
    Between two prompted slices and inside a 3D box the user has said the structure goes on, so the stopping rule is
-   off there and a lost mask carries the last box found.
+   off there and a lost mask carries the last box found (inside a 3D box with none found yet: the 3D box).
 7. A click refines, never replaces. A click on a slice the walk reached is decoded with the box the walk gave that
-   slice (rule 1 with that box: the walk's answer, then the clicks with the logits fed back). A positive click on a
-   walkable slice the walk did not reach is decoded with the nearest result's chained box grown to take in the
-   positive clicks. So a positive click adds what was missed, a negative one removes what was added, and the rest of
-   the slice stays.
+   slice (rule 1 with that box: the walk's answer, then the clicks with the logits fed back). On a walkable slice the
+   walk did not reach, a positive click gets the nearest result's chained box (none yet: the 3D box around it). The
+   box is grown to take in positive clicks outside it. So a positive click adds what was missed, a negative one
+   removes what was added, and the rest of the slice stays.
 8. Where walks go. Inside every 3D box (a 3D box is walked from its drawn slice, not projected: each slice's box is
    the carried box clipped to the 3D box); with "propagate" and no 3D box, anywhere. A segment without "propagate"
    and without 3D boxes has independent slices, decoded by rules 1-3 alone.
@@ -78,7 +80,9 @@ if TYPE_CHECKING:
     from samunet_core.prompts import SegmentPrompts
 
 EDIT_BOX_MARGIN = 3.0  # model-grid pixels around the existing mask and the positive clicks (rule 2)
-CARRY_AGREEMENT_IOU = 0.9  # a carried correction stops at the first slice whose new mask agrees this well (rule 9)
+CARRY_CLICKS = True  # a correction's clicks go with it to the neighbours that make the same mistake there (rule 6)
+CARRY_AGREEMENT_IOU = 0.9  # a carried correction stops at the first slice whose new mask agrees this well (rule 6)
+FRAGMENT_RATIO = 0.1  # pieces under this x the largest do not shape the next slice's box (measured on the demo CT)
 CLICKS_ALONE_HINT = " (this model needs a box: clicks alone give empty masks with LiteMedSAM)"
 
 
@@ -416,23 +420,33 @@ class SegmentState:
 
     def _prior_box(self, k: int, prompts: SlicePrompts) -> tuple[float, float, float, float] | None:
         """Rule 7: the box a click on slice k is decoded with when the user drew none there: the box the walk gave the
-        slice; on a slice the walk did not reach (a walkable one), the nearest result's chained box grown to take in
-        the positive clicks. None: the slice's own prompts decide (rules 1-2)."""
-        if k in self.carried_box and self.results[k].mask.any():
-            return tuple(float(v) for v in self.carried_box[k])
+        slice; on a walkable slice the walk did not reach, the nearest result's chained box, else the 3D box around
+        it. Either is grown to take in positive clicks outside it. None: the slice's own prompts decide (rules 1-2)."""
         positive = prompts.points()[prompts.labels() == 1]
-        if not len(positive) or not self._walkable(k):
-            return None
-        if self.mode is not Mode.REPLACE and self.existing is not None and self.existing[k].any():
-            return None  # rule 2 boxes the existing mask and the clicks
-        filled = [s for s, r in self.results.items() if r.mask.any()]
-        if not filled:
-            return None
-        nearest = min(filled, key=lambda s: (abs(s - k), s))
-        box = chained_box(self.results[nearest].mask, self.params.box_margin)
-        xy = np.concatenate([box.reshape(2, 2), positive])
-        grown = grow_box(np.array([*xy.min(axis=0), *xy.max(axis=0)]), EDIT_BOX_MARGIN, self.slice_shape)
-        return tuple(float(v) for v in self._clip(k, grown))
+        if k in self.carried_box:
+            box = np.asarray(self.carried_box[k], np.float64)
+        else:
+            if not len(positive) or not self._walkable(k):
+                return None
+            if self.mode is not Mode.REPLACE and self.existing is not None and self.existing[k].any():
+                return None  # rule 2 boxes the existing mask and the clicks
+            filled = [s for s, r in self.results.items() if r.mask.any()]
+            if filled:
+                nearest = min(filled, key=lambda s: (abs(s - k), s))
+                box = chained_box(self.results[nearest].mask, self.params.box_margin)
+            elif self._in_3d_box(k):
+                box = self._clip(k, np.array([0.0, 0.0, self.slice_shape[1] - 1.0, self.slice_shape[0] - 1.0]))
+            else:
+                return None
+        outside = [p for p in positive if not (box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3])]
+        if outside:
+            xy = np.concatenate([box.reshape(2, 2), np.asarray(outside)])
+            box = self._clip(k, grow_box(np.array([*xy.min(axis=0), *xy.max(axis=0)]), EDIT_BOX_MARGIN,
+                                         self.slice_shape))
+        return tuple(float(v) for v in box)
+
+    def _in_3d_box(self, k: int) -> bool:
+        return any(s0 <= k <= s1 for s0, s1, _ in self.boxes_3d)
 
     def _decode_prompted(self, k: int) -> None:
         prompts = self.user[k]
@@ -450,9 +464,7 @@ class SegmentState:
 
     def _walkable(self, k: int) -> bool:
         """Rule 8: a walk may reach slice k inside a 3D box, or anywhere in a propagated segment without 3D boxes."""
-        if any(s0 <= k <= s1 for s0, s1, _ in self.boxes_3d):
-            return True
-        return self.propagate and not self.boxes_3d
+        return self._in_3d_box(k) or (self.propagate and not self.boxes_3d)
 
     def _clip(self, k: int, box: np.ndarray) -> np.ndarray:
         """A box clipped to the 3D boxes covering slice k (their union); unchanged outside every 3D box."""
@@ -470,7 +482,7 @@ class SegmentState:
     def _bounded(self, k: int, step: int) -> bool:
         """True when the user has said the structure continues past slice k in direction `step`: a prompted slice
         lies beyond it, or k is inside a 3D box (the stopping rule is then off, rule 8)."""
-        if any(s0 <= k <= s1 for s0, s1, _ in self.boxes_3d):
+        if self._in_3d_box(k):
             return True
         return any((p - k) * step > 0 and self.results.get(p, SliceMask(np.zeros(1, bool))).mask.any()
                    for p in self.user)
@@ -487,22 +499,31 @@ class SegmentState:
             prev = last = seed
             k, end = k0 + step, self._reach(k0, step)
             inward = end != (self.n_slices - 1 if step > 0 else 0)  # a prompted slice lies that way
+            clicks = self.user[k0].clicks if CARRY_CLICKS and k0 in self.user else ()
             while (k <= end if step > 0 else k >= end) and k not in self.user and self._walkable(k):
-                if inward and k in self.results and self.results[k].mask.any():
+                old = self.results.get(k)
+                clicks = tuple(c for c in clicks if _same_mistake(old, c))  # the clicks' zone ends where ...
+                if inward and not clicks and old is not None and old.mask.any():
                     break  # towards a prompted slice a correction only fills slices that hold nothing
                 bounded = self._bounded(k, step)
                 source = prev if prev.mask.sum() >= self.params.min_pixels else last
-                if source.mask.sum() < self.params.min_pixels:
+                if source.mask.sum() >= self.params.min_pixels:
+                    box = self._clip(k, chained_box(without_fragments(source.mask), self.params.box_margin))
+                elif self._in_3d_box(k):  # nothing found yet inside a 3D box: the 3D box itself
+                    box = self._clip(k, np.array([0.0, 0.0, self.slice_shape[1] - 1.0, self.slice_shape[0] - 1.0]))
+                else:
                     if not bounded:
                         self._drop_from(k, step)  # the structure ends before k: nothing carried lies beyond
                     break
-                box = self._clip(k, chained_box(source.mask, self.params.box_margin))
-                mask_input = source.logits if self.params.use_logits else None
-                new = predict_box(self.decoder, k, box, mask_input)
+                if clicks:  # ... the slice no longer makes the mistake the clicks fixed
+                    outcome = decode_slice(self.decoder, k, SlicePrompts((tuple(float(v) for v in box),), clicks))
+                    new = SliceMask(outcome.mask, outcome.model.logits, outcome.model.score)
+                else:
+                    mask_input = source.logits if self.params.use_logits else None
+                    new = predict_box(self.decoder, k, box, mask_input)
                 if not bounded and not _accept(new, prev, self.params, seed.score):
                     self._drop_from(k, step)
                     break
-                old = self.results.get(k)
                 self.results[k], self.carried_box[k] = new, box
                 self._memos.pop(k, None)
                 if old is not None and _agreement(old.mask, new.mask) >= CARRY_AGREEMENT_IOU:
@@ -530,6 +551,29 @@ class SegmentState:
     def _check_slice(self, k: int, what: str) -> None:
         if not 0 <= int(k) < self.n_slices:
             raise ValueError(f"a {what} on slice {k}, but the volume has slices 0..{self.n_slices - 1} on this axis")
+
+
+def without_fragments(mask: np.ndarray, keep_ratio: float = FRAGMENT_RATIO) -> np.ndarray:
+    """HxW bool without the 8-connected pieces smaller than `keep_ratio` x the largest piece: the next slice's box
+    is made from what is left (a stray fragment would widen it, slice after slice)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= keep_ratio * sizes.max()) + 1
+    return np.isin(labels, keep)
+
+
+def _same_mistake(held: SliceMask | None, click: Click) -> bool:
+    """True when a slice holding `held` makes there the mistake `click` corrects: it misses a positive click's pixel,
+    or covers a negative click's."""
+    if held is None:
+        return click.positive
+    h, w = held.mask.shape
+    y, x = min(max(int(round(click.y)), 0), h - 1), min(max(int(round(click.x)), 0), w - 1)
+    return bool(held.mask[y, x]) != click.positive
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
