@@ -162,8 +162,8 @@ def test_a_correction_carries_beyond_the_clicked_slice_and_stops_at_prompted_sli
     assert k in changed and not np.array_equal(after[k], before[k])
     walked_to = [s for s, _ in decoder.calls if s != k]
     assert k0 not in walked_to and np.array_equal(after[k0], before[k0]), "the box's slice keeps its own mask"
-    up = [s for s in walked_to if s > k]
-    assert up and up[0] == k + 1 and up == list(range(k + 1, up[-1] + 1)), "the walk runs on upward from the click"
+    up = sorted({s for s in walked_to if s > k})  # a slice in the click's zone takes two calls (box, box + click)
+    assert up and up == list(range(k + 1, up[-1] + 1)), "the walk runs on upward from the click"
     for s in up:
         if s in after:  # each slice from the chained box of the one below, the corrected slice first
             box = chained_box(without_fragments(after[s - 1]), 3.0)
