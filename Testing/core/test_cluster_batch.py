@@ -142,7 +142,8 @@ def test_ctrl_c_stops_the_batch_cleanly_and_a_rerun_resumes(cohort, serial, tmp_
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.monotonic() + 240
-    while not (out.is_dir() and any(out.glob("*.seg.nrrd"))):
+    # a finished output, not a write in progress (pathlib's glob also matches the hidden ".name.TOKEN.partial" files)
+    while not (out.is_dir() and any(not p.name.startswith(".") for p in out.glob("*.seg.nrrd"))):
         assert process.poll() is None and time.monotonic() < deadline, "the batch ended before any output appeared"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)
